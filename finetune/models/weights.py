@@ -31,22 +31,23 @@ def read_checkpoint(path: str | Path) -> StateDict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: '{path}'")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            reason = _first_line(str(e).split("Please file an issue")[0].split("\n\n")[-1])
+        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if blocked:
             raise WeightsError(
-                f"refused to load '{path}': it holds pickled objects that could run code ({reason}); "
+                f"refused to load '{path}': it holds pickled objects that could run code ({blocked}); "
                 "only tensors are accepted - re-save it with torch.save(model.state_dict()) or as .safetensors"
             ) from None
-        raise WeightsError(f"'{path}' is not a readable checkpoint ({_first_line(str(e))})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise WeightsError(f"'{path}' is truncated or not a PyTorch/safetensors checkpoint (not a tensor pickle)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
         raise WeightsError(
             f"'{path}' is truncated or not a PyTorch/safetensors checkpoint ({_first_line(str(e))}); "
             "download or save it again"

@@ -1,0 +1,74 @@
+"""Shared test utilities: weights that exercise every buffer, and a real local HTTP server."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def randomize_norm_stats(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine params, so a mis-mapped key shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1 + 1)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+@contextlib.contextmanager
+def serve_files(files: dict[str, bytes], hf_commit: str = "0" * 40) -> Iterator[str]:
+    """Serve `files` (url path -> bytes) on 127.0.0.1 with the headers the HF hub client reads.
+
+    Unknown paths answer 404 with HF's EntryNotFound code, as the real hub does.
+    """
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _head(self) -> bytes | None:
+            body = files.get(self.path.split("?")[0])
+            if body is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
+            self.send_header("X-Repo-Commit", hf_commit)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            return body
+
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server API
+            self._head()
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            body = self._head()
+            if body is not None:
+                self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
