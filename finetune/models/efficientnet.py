@@ -205,9 +205,8 @@ class EfficientNet(nn.Module):
         self.top = ConvBNAct(cin, self.num_features, 1, act=activation(lite), padding=padding, bn_eps=eps)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(config.drop_rate)
-        self.classifier: nn.Module = nn.Identity()
-        self.num_classes = 0
-        self.reset_classifier(config.num_classes)
+        self.num_classes = config.num_classes
+        self.classifier = nn.Linear(self.num_features, self.num_classes) if self.num_classes else nn.Identity()
         self.apply(_init_weights)
 
     @property
@@ -227,29 +226,40 @@ class EfficientNet(nn.Module):
         return self.config.drop_rate
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head; 0 leaves pooled features as the output."""
+        """Replace the head with a zero-initialised one (0 classes: pooled features out).
+
+        A zero head starts at uniform predictions, so the first steps of fine-tuning do
+        not push large random gradients into pretrained features.
+        """
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        ref = self.top.conv.weight
         self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.classifier = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) if num_classes else nn.Identity()
         if num_classes:
-            _init_weights(self.classifier)
-            ref = self.top.conv.weight
-            self.classifier.to(device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward: trades ~30% time for most activation memory."""
         self.grad_checkpointing = enable
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for stage in self.stages:
-                for block in stage:
-                    x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = self.stages(x)
-        return self.top(x)
+    def forward_features(self, x: torch.Tensor, no_grad_parts: int = 0) -> torch.Tensor:
+        """Stem, stages and top conv; the first `no_grad_parts` of those 9 run without autograd.
+
+        Frozen leading layers need no graph: skipping it is what makes frozen and
+        partial fine-tuning cheap in time and memory.
+        """
+        layers = [self.stem, *self.stages, self.top]
+        grad = torch.is_grad_enabled()
+        for i, layer in enumerate(layers):
+            with torch.set_grad_enabled(grad and i >= no_grad_parts):
+                if self.grad_checkpointing and torch.is_grad_enabled() and 0 < i < len(layers) - 1:
+                    for block in layer:
+                        x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = layer(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x).flatten(1)

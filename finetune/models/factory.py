@@ -24,12 +24,14 @@ def create_model(
     drop_rate: float | None = None,
     drop_path_rate: float = 0.2,
     resolution: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
 ) -> EfficientNet:
     """Build b0..b7, lite0..lite4 or any compound coefficient (`name="phi", phi=2.5`).
 
     `pretrained`: None, True (the variant's default source), 'timm', 'timm:<tag>',
     'torchvision', a checkpoint path or a state dict. Padding, BN eps and input
-    normalisation follow the weights unless given here. A classifier of another size
+    normalisation (mean/std) follow the weights unless given here. A classifier of another size
     than `num_classes` is replaced by a fresh one.
     """
     name = str(name).lower()
@@ -58,8 +60,8 @@ def create_model(
         drop_rate=scaling.dropout if drop_rate is None else drop_rate,
         drop_path_rate=drop_path_rate,
         resolution=resolution or scaling.resolution,
-        mean=(weights and weights.mean) or default_mean,
-        std=(weights and weights.std) or default_std,
+        mean=_triple(mean, "mean") or (weights and weights.mean) or default_mean,
+        std=_triple(std, "std") or (weights and weights.std) or default_std,
         weights=weights.origin if weights else None,
     )
     model = EfficientNet(config)
@@ -80,3 +82,12 @@ def _check(num_classes, resolution, padding, bn_eps, drop_rate, drop_path_rate) 
     for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
         if value is not None and (not isinstance(value, Real) or not 0 <= value < 1 or math.isnan(value)):
             raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+
+
+def _triple(value, key: str) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    values = tuple(float(v) for v in value)
+    if len(values) != 3 or (key == "std" and min(values) <= 0):
+        raise ValueError(f"{key} must be three numbers (per RGB channel){', all > 0' if key == 'std' else ''}, got {value!r}")
+    return values

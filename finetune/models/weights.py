@@ -111,6 +111,7 @@ def load_into(model: EfficientNet, sd: Mapping[str, torch.Tensor], origin: str =
         dropped = [k for k in HEAD_KEYS if k in ours]
         for k in dropped:
             ours.pop(k)
+        model.reset_classifier(model.num_classes)
     optional = set(HEAD_KEYS) | {k for k in expected if k.endswith("num_batches_tracked")}
     missing = sorted(k for k in expected if k not in ours and k not in optional)
     unexpected = sorted(k for k in ours if k not in expected)

@@ -1,0 +1,264 @@
+"""Shared machinery for every image-classification datamodule.
+
+Workers only decode and produce uint8 tensors: uint8 is a quarter of the bytes of
+float32 through pinned memory and the host-to-device copy, and per-pixel work
+(augmentation of in-memory datasets, resize, normalisation) is far cheaper on the
+accelerator than on a few CPU cores. `gpu_transform` is that device half; Lightning
+runs it through `on_after_batch_transfer`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+Split = Literal["train", "val", "test"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": (),
+    None: ("train", "val", "test"),
+}
+
+
+class InMemoryImageDataset(Dataset):
+    """Items of a preloaded uint8 N×C×H×W tensor, for datasets small enough to hold in RAM.
+
+    Indexing a tensor is all a worker does here, so there is no per-item decode cost and
+    forked workers share the storage copy-on-write.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected a uint8 N×C×H×W tensor, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+
+def stratified_split(labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split indices into len(fractions) parts, each holding every class in proportion.
+
+    Each sample gets its quantile within its (seeded, shuffled) class; cutting the list
+    sorted by quantile at the cumulative fractions makes part sizes exact overall and
+    per-class counts within one of proportional. Per-class rounding would instead leave a
+    dataset of many 2-image classes with no validation set at all. Returned indices are
+    sorted, so a split depends only on the labels and `seed`.
+    """
+    if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+    labels = np.asarray(labels)
+    shuffled = np.random.default_rng(seed).permutation(len(labels))
+    quantile = np.empty(len(labels))
+    for cls in np.unique(labels):
+        members = shuffled[labels[shuffled] == cls]
+        quantile[members] = (np.arange(len(members)) + 0.5) / len(members)
+    tie_break = np.empty(len(labels))
+    tie_break[shuffled] = np.arange(len(labels))  # equal quantiles across classes: seeded order
+    ranked = np.lexsort((tie_break, quantile))
+    cuts = np.round(np.cumsum(fractions)[:-1] * len(labels)).astype(int)
+    return [np.sort(part) for part in np.split(ranked, cuts)]
+
+
+def random_translate_flip(images: Tensor, pad: int, flip: bool) -> Tensor:
+    """Per-sample random crop of a zero-padded batch (+ optional horizontal flip), as one gather.
+
+    Equivalent to torchvision's RandomCrop(size, padding=pad) + RandomHorizontalFlip applied
+    to each image, but vectorised over the batch so it stays a few kernels on the device.
+    Randomness comes from torch's global RNG on the images' device, so
+    `lightning.seed_everything` makes it reproducible.
+    """
+    b, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=device)
+    rows = dy + torch.arange(h, device=device)
+    cols = torch.arange(w, device=device).expand(b, w)
+    if flip:
+        mirrored = torch.rand(b, 1, device=device) < 0.5
+        cols = torch.where(mirrored, cols.flip(-1), cols)
+    cols = cols + dx
+    batch = torch.arange(b, device=device).view(b, 1, 1)
+    gathered = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return gathered.permute(0, 3, 1, 2)
+
+
+class ImageClassificationDataModule(L.LightningDataModule, ABC):
+    """Base datamodule: uint8 worker batches, device-side float conversion/augment/resize/normalise.
+
+    Subclasses provide `_read_class_names`, `_build_split` and `has_test`; those holding
+    small images in memory set `device_pad`/`device_flip` to get the vectorised random
+    translation (+ flip) in `gpu_transform` instead of per-image CPU transforms.
+    """
+
+    #: Zero padding (pixels, at native size) for the device-side random translation; 0 = none.
+    device_pad: int = 0
+    #: Whether the device-side augmentation also flips horizontally.
+    device_flip: bool = False
+
+    def __init__(
+        self,
+        *,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        resolution: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        augment: bool = True,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        skip_corrupt: bool = False,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0 or resolution < 1:
+            raise ValueError(
+                f"need batch_size >= 1, num_workers >= 0, resolution >= 1; "
+                f"got {batch_size}, {num_workers}, {resolution}"
+            )
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
+        # Recorded so checkpoints carry the data config (Lightning stores datamodule hparams).
+        self.save_hyperparameters()
+        self.root = str(root)
+        self.download = download
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.resolution = resolution
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.augment = augment
+        self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
+        self.skip_corrupt = skip_corrupt
+        self.channels_last = channels_last
+        self._datasets: dict[Split, Dataset] = {}
+        self._class_names: list[str] | None = None
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @property
+    @abstractmethod
+    def has_test(self) -> bool:
+        """Whether a test split exists; when False, `test_dataloader` raises."""
+
+    @abstractmethod
+    def _read_class_names(self) -> list[str]:
+        """Class names in label order; may read metadata from disk (called once)."""
+
+    @abstractmethod
+    def _build_split(self, split: Split) -> Dataset:
+        """Dataset yielding (uint8 C×H×W tensor, int label) for `split`."""
+
+    @property
+    def class_names(self) -> list[str]:
+        # Lazy so a model can be sized from `num_classes` before `setup` runs.
+        if self._class_names is None:
+            self._class_names = list(self._read_class_names())
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (and scan) the splits `stage` needs here, in the main process, so bad data fails before workers start."""
+        if stage not in _STAGE_SPLITS:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {list(_STAGE_SPLITS)}")
+        for split in _STAGE_SPLITS[stage]:
+            if split != "test" or self.has_test:
+                self.dataset(split)
+
+    def dataset(self, split: Split) -> Dataset:
+        """The dataset behind a split, built on first use and cached."""
+        if split == "test" and not self.has_test:
+            raise RuntimeError(f"{type(self).__name__} has no test split; check `has_test` before testing")
+        if split not in self._datasets:
+            self._datasets[split] = self._build_split(split)
+        return self._datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
+        # A fresh generator per loader makes the shuffle order (and the worker base seeds
+        # drawn from it) a function of `seed` alone, independent of global RNG use.
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def gpu_transform(self, images: Tensor, train: bool) -> Tensor:
+        """uint8 B×C×H×W batch -> normalised float32 B×C×res×res (channels_last if enabled)."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"gpu_transform expects uint8 images, got {images.dtype}")
+        if train and self.augment and (self.device_pad or self.device_flip):
+            images = random_translate_flip(images, self.device_pad, self.device_flip)
+        x = images.float().div_(255)
+        h, w = x.shape[-2:]
+        res = self.resolution
+        if (h, w) != (res, res):
+            x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=h > res or w > res)
+        mean, std = self._device_stats(x.device)
+        x = x.sub_(mean).div_(std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.gpu_transform(images, train=training), labels
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Adopt the model's input statistics: the weights, not the data, decide them."""
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._stats.clear()
+
+    def _device_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        # Cached per device: building them every batch would be a host-to-device copy each step.
+        if device not in self._stats:
+            self._stats[device] = (
+                torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, device=device).view(1, -1, 1, 1),
+            )
+        return self._stats[device]

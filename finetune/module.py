@@ -1,0 +1,213 @@
+"""FineTuneModule: an EfficientNet with a new head, trained under a fine-tuning policy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.utils import make_grid
+
+from finetune.models import create_model
+from finetune.models.weights import unwrap_state_dict
+from finetune.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
+
+OPTIMIZERS = ("adamw", "sgd", "rmsprop")
+SCHEDULERS = ("cosine", "constant")
+
+
+class FineTuneModule(L.LightningModule):
+    """Builds the model for the data's classes, applies the policy, logs metrics.
+
+    `model`, `finetune` and `optim` are plain dicts (the Hydra groups of the same names),
+    so checkpoints hold only primitives and load with `weights_only=True`.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        num_classes: int,
+        finetune: dict[str, Any] | None = None,
+        optim: dict[str, Any] | None = None,
+        label_smoothing: float = 0.1,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        model_kwargs = {k: v for k, v in model.items() if v is not None and k not in ("name", "grad_checkpointing")}
+        self.model = create_model(model["name"], num_classes=num_classes, **model_kwargs)
+        self.model.set_grad_checkpointing(bool(model.get("grad_checkpointing", False)))
+        # Record what the weights decided, so a checkpoint rebuilds the same network offline.
+        cfg = self.model.config
+        self.hparams.model.update(padding=cfg.padding, bn_eps=cfg.bn_eps, resolution=cfg.resolution,
+                                  mean=list(cfg.mean), std=list(cfg.std))
+        self.policy = FinetunePolicy(**(finetune or {})).validate(len(self.model.stages))
+        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
+        _check_optim(self.optim_cfg)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        top5 = min(5, num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.frozen_parts = apply_policy(self.model, self.policy, epoch=0)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> FineTuneModule:
+        """Rebuild from one of our checkpoints without fetching the original weights again."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        hp = dict(ckpt["hyper_parameters"])
+        hp["model"] = {**hp["model"], "pretrained": None}
+        module = cls(**hp)
+        module.model.load_state_dict(unwrap_state_dict(ckpt, str(path)))
+        return module.eval()
+
+    # --- policy ---------------------------------------------------------------------------
+
+    @property
+    def no_grad_parts(self) -> int:
+        """Leading feature parts (stem, stages, top) that are frozen: they run without a graph."""
+        names = [n for n in model_parts(self.model) if n != "head"]
+        count = 0
+        while count < len(names) and names[count] in self.frozen_parts:
+            count += 1
+        return count
+
+    def train(self, mode: bool = True) -> FineTuneModule:
+        super().train(mode)
+        if mode:
+            set_frozen_eval(self.model, self.frozen_parts, self.policy)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        frozen = apply_policy(self.model, self.policy, self.current_epoch)
+        if frozen != self.frozen_parts:
+            self.print(f"epoch {self.current_epoch}: trainable parts now {sorted(set(model_parts(self.model)) - set(frozen))}")
+        self.frozen_parts = frozen
+        self.train()
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(x, no_grad_parts=self.no_grad_parts)
+        return self.model.forward_head(features)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if batch_idx == 0 and self.current_epoch == 0:
+            self._log_samples("samples/train", x)
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/epoch_loss", loss, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.val_acc_top5(logits, y)
+        self.log("val/loss", self.criterion(logits, y), on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        self.log("val/acc_top5", self.val_acc_top5, on_epoch=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.test_acc(logits, y)
+        self.test_acc_top5(logits, y)
+        self.log("test/loss", self.criterion(logits, y), on_epoch=True)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+        self.log("test/acc_top5", self.test_acc_top5, on_epoch=True)
+
+    def on_fit_start(self) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            self.logger.log_hyperparams(self.hparams, {"val/acc": 0.0, "test/acc": 0.0})
+
+    def _log_samples(self, tag: str, x: torch.Tensor) -> None:
+        """A grid of what the network actually sees: after resize, de-normalised."""
+        if not isinstance(self.logger, TensorBoardLogger):
+            return
+        mean = torch.tensor(self.model.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.model.std, device=x.device).view(1, 3, 1, 1)
+        images = (x[:16].float() * std + mean).clamp(0, 1)
+        self.logger.experiment.add_image(tag, make_grid(images.cpu(), nrow=4), self.global_step)
+
+    # --- optimisation ---------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One named group per part (no weight decay on norms and biases), made once.
+
+        Backbone parts learn at `backbone_lr_scale` times the head's rate, further scaled
+        by `layer_decay` per part away from the head. Frozen parameters are in their
+        group too: unfreezing only flips requires_grad, so schedulers and resume hold.
+        """
+        cfg = self.optim_cfg
+        parts = model_parts(self.model)
+        backbone = [n for n in parts if n != "head"]
+        groups = []
+        for name, part in parts.items():
+            scale = 1.0 if name == "head" else cfg["backbone_lr_scale"] * cfg["layer_decay"] ** (len(backbone) - 1 - backbone.index(name))
+            decay = [p for p in part.parameters() if p.ndim > 1]
+            no_decay = [p for p in part.parameters() if p.ndim <= 1]
+            groups.append({"name": name, "params": decay, "lr": cfg["lr"] * scale, "weight_decay": cfg["weight_decay"]})
+            if no_decay:
+                groups.append({"name": f"{name}.no_decay", "params": no_decay, "lr": cfg["lr"] * scale, "weight_decay": 0.0})
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        groups = self.param_groups()
+        if cfg["name"] == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+        elif cfg["name"] == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
+        else:  # TF-style RMSprop, as EfficientNet was trained
+            optimizer = torch.optim.RMSprop(groups, lr=cfg["lr"], alpha=0.9, eps=1e-3, momentum=cfg["momentum"])
+        if cfg["scheduler"] == "constant":
+            return {"optimizer": optimizer}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = int(round(cfg["warmup_epochs"] * total / epochs))
+        schedule = WarmupCosine(total, warmup, cfg["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+DEFAULT_OPTIM: dict[str, Any] = {
+    "name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "momentum": 0.9,
+    "backbone_lr_scale": 0.1, "layer_decay": 1.0, "scheduler": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.01,
+}
+
+
+class WarmupCosine:
+    """Linear warmup from ~0, then cosine to `min_ratio`; a class so schedulers pickle for DDP."""
+
+    def __init__(self, total: int, warmup: int, min_ratio: float) -> None:
+        self.total, self.warmup, self.min_ratio = total, warmup, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _check_optim(cfg: dict[str, Any]) -> None:
+    if cfg["name"] not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{cfg['name']}'; valid: {', '.join(OPTIMIZERS)}")
+    if cfg["scheduler"] not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler '{cfg['scheduler']}'; valid: {', '.join(SCHEDULERS)}")
+    for key in ("lr", "backbone_lr_scale", "layer_decay"):
+        if not isinstance(cfg[key], (int, float)) or not cfg[key] > 0 or not math.isfinite(cfg[key]):
+            raise ValueError(f"optim.{key} must be a positive number, got {cfg[key]!r}")
+    if not 0 <= cfg["weight_decay"] < 1:
+        raise ValueError(f"optim.weight_decay must be in [0, 1), got {cfg['weight_decay']!r}")

@@ -1,0 +1,83 @@
+"""Which parts of the network train, and how frozen parts behave.
+
+The network is split into ordered parts: `stem`, `stage0`..`stage6`, `top` (the 1x1
+conv before pooling) and `head` (the classifier). A policy names the trainable parts
+for a given epoch. Frozen parts keep BatchNorm in eval mode: updating running
+statistics of layers that do not learn is the classic bug of naive partial
+fine-tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from finetune.models import EfficientNet
+
+POLICIES = ("full", "frozen", "partial", "gradual")
+BN_MODES = ("frozen", "train")
+
+
+def model_parts(model: EfficientNet) -> dict[str, nn.Module]:
+    """The network's parts in forward order; policies and param groups are built on them."""
+    parts: dict[str, nn.Module] = {"stem": model.stem}
+    parts |= {f"stage{i}": stage for i, stage in enumerate(model.stages)}
+    parts |= {"top": model.top, "head": model.classifier}
+    return parts
+
+
+@dataclass(frozen=True)
+class FinetunePolicy:
+    """full | frozen (head only) | partial (last k stages + top + head) | gradual (frozen, then full).
+
+    `top` trains with partial because it sits between the trained stages and the head;
+    frozen keeps it fixed so pooled features stay cacheable.
+    """
+
+    name: str = "full"
+    trainable_stages: int = 2
+    unfreeze_at_epoch: int = 1
+    bn: str = "frozen"
+
+    def validate(self, num_stages: int) -> FinetunePolicy:
+        if self.name not in POLICIES:
+            raise ValueError(f"unknown finetune policy '{self.name}'; valid: {', '.join(POLICIES)}")
+        if self.bn not in BN_MODES:
+            raise ValueError(f"finetune.bn must be one of {', '.join(BN_MODES)}, got '{self.bn}'")
+        if self.name == "partial" and not (isinstance(self.trainable_stages, int) and 0 <= self.trainable_stages <= num_stages):
+            raise ValueError(f"finetune.trainable_stages must be an integer in 0..{num_stages}, got {self.trainable_stages!r}")
+        if self.name == "gradual" and not (isinstance(self.unfreeze_at_epoch, int) and self.unfreeze_at_epoch >= 0):
+            raise ValueError(f"finetune.unfreeze_at_epoch must be an integer >= 0, got {self.unfreeze_at_epoch!r}")
+        return self
+
+    def trainable(self, part_names: list[str], epoch: int) -> set[str]:
+        """Names of the parts that learn during `epoch`."""
+        if self.name == "full" or (self.name == "gradual" and epoch >= self.unfreeze_at_epoch):
+            return set(part_names)
+        if self.name == "partial" and self.trainable_stages > 0:
+            stages = [p for p in part_names if p.startswith("stage")]
+            return set(stages[len(stages) - self.trainable_stages:]) | {"top", "head"}
+        return {"head"}
+
+
+def apply_policy(model: EfficientNet, policy: FinetunePolicy, epoch: int) -> list[str]:
+    """Set requires_grad per part for `epoch`; returns the frozen part names, in order."""
+    parts = model_parts(model)
+    trainable = policy.trainable(list(parts), epoch)
+    for name, part in parts.items():
+        part.requires_grad_(name in trainable)
+    return [name for name in parts if name not in trainable]
+
+
+def set_frozen_eval(model: EfficientNet, frozen: list[str], policy: FinetunePolicy) -> None:
+    """Run frozen parts in inference mode: BatchNorm statistics untouched, no stochastic depth.
+
+    With bn=train they stay in training mode and BatchNorm adapts its statistics to the
+    new data while the weights stay fixed.
+    """
+    if policy.bn == "train":
+        return
+    parts = model_parts(model)
+    for name in frozen:
+        parts[name].eval()
