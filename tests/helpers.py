@@ -72,3 +72,30 @@ def serve_files(files: dict[str, bytes], hf_commit: str = "0" * 40) -> Iterator[
     finally:
         server.shutdown()
         server.server_close()
+
+
+def compose_config(overrides: list[str], output_dir) -> "DictConfig":  # noqa: F821 - hydra imported lazily
+    """The `finetune` CLI's config for these overrides, writing into `output_dir`, without a subprocess."""
+    from hydra import compose, initialize_config_module
+
+    import finetune.train  # noqa: F401 - registers the config resolvers
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def scalar_tags(tensorboard_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a TensorBoard folder, as (step, value) pairs."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(tensorboard_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            series.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        for tag in acc.Tags()["images"]:
+            series.setdefault(tag, [])
+    return series
