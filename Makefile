@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/finetune-compare experiment=demo
+	$(VENV)/bin/finetune-compare experiment=demo trainer.enable_progress_bar=false
 
 test: $(STAMP)
 	$(PY) -m pytest -q

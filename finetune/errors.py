@@ -10,23 +10,35 @@ from collections.abc import Iterator
 from finetune.models.weights import WeightsError
 
 DEBUG_ENV = ("FINETUNE_DEBUG", "HYDRA_FULL_ERROR")
+DEBUG_FLAG = "--debug"
 
 
 def debugging() -> bool:
     return any(os.environ.get(k, "") not in ("", "0") for k in DEBUG_ENV)
 
 
+def take_debug_flag(argv: list[str]) -> list[str]:
+    """Drop `--debug` (which Hydra would reject) from `argv`, turning it into FINETUNE_DEBUG=1.
+
+    An environment variable rather than a flag, so processes that DDP launches inherit it.
+    """
+    if DEBUG_FLAG in argv:
+        os.environ["FINETUNE_DEBUG"] = "1"
+    return [arg for arg in argv if arg != DEBUG_FLAG]
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     from datamodules.errors import CorruptImageError, DatasetNotFoundError
+    from finetune.guards import NonFiniteLossError
 
-    return (ValueError, FileNotFoundError, WeightsError, DatasetNotFoundError, CorruptImageError)
+    return (ValueError, FileNotFoundError, WeightsError, DatasetNotFoundError, CorruptImageError, NonFiniteLossError)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn configuration and data errors into `error: ...` and exit status 2.
+    """Turn configuration, data and divergence errors into `error: ...` and exit status 2.
 
-    Set FINETUNE_DEBUG=1 (or HYDRA_FULL_ERROR=1) to get the full traceback instead.
+    Pass --debug, or set FINETUNE_DEBUG=1 (or HYDRA_FULL_ERROR=1), to get the full traceback instead.
     """
     try:
         yield

@@ -95,12 +95,14 @@ class FineTuneModule(L.LightningModule):
     # --- steps ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:  # pooled features from CachedFeatureDataModule: only the head runs
+            return self.model.classifier(self.model.dropout(x))
         features = self.model.forward_features(x, no_grad_parts=self.no_grad_parts)
         return self.model.forward_head(features)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        if batch_idx == 0 and self.current_epoch == 0:
+        if batch_idx == 0 and self.current_epoch == 0 and x.ndim == 4:
             self._log_samples("samples/train", x)
         logits = self(x)
         loss = self.criterion(logits, y)
@@ -127,10 +129,6 @@ class FineTuneModule(L.LightningModule):
         self.log("test/loss", self.criterion(logits, y), on_epoch=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
         self.log("test/acc_top5", self.test_acc_top5, on_epoch=True)
-
-    def on_fit_start(self) -> None:
-        if isinstance(self.logger, TensorBoardLogger):
-            self.logger.log_hyperparams(self.hparams, {"val/acc": 0.0, "test/acc": 0.0})
 
     def _log_samples(self, tag: str, x: torch.Tensor) -> None:
         """A grid of what the network actually sees: after resize, de-normalised."""

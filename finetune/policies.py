@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lightning as L
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from finetune.models import EfficientNet
 
@@ -39,6 +41,7 @@ class FinetunePolicy:
     trainable_stages: int = 2
     unfreeze_at_epoch: int = 1
     bn: str = "frozen"
+    cache_features: bool = False
 
     def validate(self, num_stages: int) -> FinetunePolicy:
         if self.name not in POLICIES:
@@ -49,7 +52,17 @@ class FinetunePolicy:
             raise ValueError(f"finetune.trainable_stages must be an integer in 0..{num_stages}, got {self.trainable_stages!r}")
         if self.name == "gradual" and not (isinstance(self.unfreeze_at_epoch, int) and self.unfreeze_at_epoch >= 0):
             raise ValueError(f"finetune.unfreeze_at_epoch must be an integer >= 0, got {self.unfreeze_at_epoch!r}")
+        if self.cache_features and (self.name != "frozen" or self.bn != "frozen"):
+            raise ValueError(
+                f"finetune.cache_features=true needs finetune=frozen with bn=frozen (got {self.name}, bn={self.bn}): "
+                "only an unchanging backbone gives features worth caching"
+            )
         return self
+
+    @property
+    def changes_during_training(self) -> bool:
+        """Whether the set of trainable parts changes between epochs (gradual, unfreezing later)."""
+        return self.name == "gradual" and self.unfreeze_at_epoch > 0
 
     def trainable(self, part_names: list[str], epoch: int) -> set[str]:
         """Names of the parts that learn during `epoch`."""
@@ -81,3 +94,31 @@ def set_frozen_eval(model: EfficientNet, frozen: list[str], policy: FinetunePoli
     parts = model_parts(model)
     for name in frozen:
         parts[name].eval()
+
+
+class DDPPolicySetup(L.Callback):
+    """Lets DDP train policies whose frozen parts change, without tripping its unused-parameter check.
+
+    DDP registers only parameters with requires_grad=True when it wraps the model, and
+    without `find_unused_parameters` it expects a gradient for each of them every step.
+    Static policies (full, frozen, partial) freeze before the wrap, so frozen parameters
+    are never registered: no check trips and no gradients of them are exchanged. A
+    gradual policy unfreezes later, and parameters DDP did not register would then be
+    updated from local gradients only, the processes silently drifting apart. So for
+    it every parameter is made trainable just before the wrap (the module re-applies
+    the policy each epoch) and DDP must detect unused parameters: trainer=ddp selects
+    the `*_find_unused_parameters_true` strategy, which skips the frozen parts each step.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1 and pl_module.policy.changes_during_training:
+            pl_module.model.requires_grad_(True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = trainer.strategy.model
+        if (isinstance(model, DistributedDataParallel) and pl_module.policy.changes_during_training
+                and not model.find_unused_parameters):
+            raise ValueError(
+                f"finetune={pl_module.policy.name} under DDP needs unused-parameter detection; "
+                "use trainer=ddp or trainer.strategy=ddp_find_unused_parameters_true"
+            )

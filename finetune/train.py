@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,55 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.errors import user_errors
+from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable
+from finetune.errors import take_debug_flag, user_errors
+from finetune.features import CachedFeatureDataModule
+from finetune.guards import FiniteLossGuard
 from finetune.models.scaling import compound
 from finetune.module import FineTuneModule
+from finetune.policies import DDPPolicySetup, FinetunePolicy
 
 OmegaConf.register_new_resolver("phi_resolution", lambda phi: compound(float(phi)).resolution, replace=True)
+
+#: Config groups whose options are files under conf/<group>/; checked before Hydra sees them.
+GROUPS = ("model", "data", "finetune", "optim", "trainer", "logger", "callbacks", "experiment")
+#: Options that add config folders: their groups may hold options only Hydra can list.
+_EXTRA_CONFIG_FLAGS = ("hydra.searchpath", "--config-dir", "-cd", "--config-path", "-cp")
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group, e.g. b0..b7, lite0..lite4, phi for `model`."""
+    folder = importlib.resources.files("conf") / group
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_overrides(args: Sequence[str]) -> None:
+    """Refuse an unknown group option (`model=b9`) in one line that lists the valid ones.
+
+    Hydra's own message for it spans a dozen lines. Sweeps (`model=b0,b9`) are checked
+    name by name; sweep functions, interpolations and extra config folders are left to Hydra.
+    """
+    if any(arg.split("=", 1)[0].lstrip("+") in _EXTRA_CONFIG_FLAGS for arg in args):
+        return
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        group = key.lstrip("+~")
+        if arg.startswith("-") or not sep or group not in GROUPS or any(c in value for c in "()[]{}$*"):
+            continue
+        valid = group_options(group)
+        for name in value.split(","):
+            if name not in valid and name not in ("", "null"):
+                raise ValueError(f"unknown {group} '{name}'; valid: {', '.join(valid)}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks that name the config key, made before any data is read or weights are fetched."""
+    resolution = cfg.model.get("resolution")
+    if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 32):
+        raise ValueError(
+            f"model.resolution must be an integer >= 32 (EfficientNet downsamples 32x), got {resolution!r}; "
+            "e.g. model.resolution=224"
+        )
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -57,24 +104,42 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
         kwargs["precision"] = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if gpu else "32-true"
     if kwargs.get("benchmark") is None:
         kwargs["benchmark"] = gpu
+    strategy = kwargs.get("strategy")
+    policy = FinetunePolicy(**OmegaConf.to_container(cfg.finetune, resolve=True))
+    if (policy.changes_during_training and isinstance(strategy, str) and strategy.startswith("ddp")
+            and "find_unused_parameters" not in strategy):
+        kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"  # see policies.DDPPolicySetup
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
+    """The Trainer of `cfg.trainer`, with atomic checkpoint files, RNG states in them and a NaN guard."""
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + list(extra_callbacks or [])
-    return L.Trainer(logger=loggers or False, callbacks=callbacks, default_root_dir=cfg.paths.output_dir, **trainer_kwargs(cfg))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += [FiniteLossGuard(), RNGStateCallback(), DDPPolicySetup(), *(extra_callbacks or [])]
+    return L.Trainer(
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=cfg.paths.output_dir,
+        **trainer_kwargs(cfg),
+    )
 
 
 def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
-    """Fit, test the best checkpoint, write `metrics.json` into the run directory."""
+    """Fit (or resume from `cfg.ckpt_path`), test the best checkpoint, write `metrics.json` into the run directory."""
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        check_resumable(ckpt_path, module)
     if cfg.trainer.get("compile"):
         module.model.compile()
     trainer = build_trainer(cfg, extra_callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_data = CachedFeatureDataModule(datamodule) if module.policy.cache_features else datamodule
+    trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path, weights_only=True)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint else ""
@@ -96,8 +161,16 @@ def _number(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+def main() -> None:
+    """The `finetune` command: one-line errors for bad options, then Hydra composes and runs `fit`."""
+    sys.argv[1:] = take_debug_flag(sys.argv[1:])
+    with user_errors():
+        check_overrides(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     with user_errors():
         metrics = fit(cfg)
         value = metrics.get("best_val_acc")
