@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from finetune.models.efficientnet import EfficientNet, EfficientNetConfig
-from finetune.models.scaling import VARIANTS, compound
+from finetune.models.scaling import ALPHA, BETA, GAMMA, VARIANTS, compound
 
 # Paper Table 2: (parameters, FLOPs) as printed; the paper's "FLOPs" are multiply-adds.
 PAPER_TABLE2 = {
@@ -77,9 +77,10 @@ def growth_note(rows: list[Profile]) -> str:
     if not pts:
         return ""
     k = sum(p * y for p, y in pts) / sum(p * p for p, _ in pts)
+    constraint = ALPHA * BETA**2 * GAMMA**2
     return (
-        f"MACs grow as 2^({k:.2f}*phi) across these models, against the paper's 2^phi: "
-        "the released B1-B7 use hand-rounded coefficients, so growth is close to but not exactly 2^phi."
+        f"MACs grow as 2^({k:.2f}*phi) across these models, against the paper's nominal 2^phi: its constraint "
+        f"alpha*beta^2*gamma^2 is {constraint:.2f} (not 2), and the released B1-B7 use hand-rounded coefficients."
     )
 
 
