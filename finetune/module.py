@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.utils import make_grid
 
 from finetune.models import create_model
-from finetune.models.weights import unwrap_state_dict
+from finetune.models.weights import WeightsError, load_safely, unwrap_state_dict
 from finetune.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
 
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
@@ -59,9 +59,12 @@ class FineTuneModule(L.LightningModule):
         self.frozen_parts = apply_policy(self.model, self.policy, epoch=0)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> FineTuneModule:
+    def from_checkpoint(cls, path: str | Path) -> FineTuneModule:
         """Rebuild from one of our checkpoints without fetching the original weights again."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = load_safely(path)
+        if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt:
+            raise WeightsError(f"'{path}' is not a checkpoint written by finetune (no hyper_parameters); "
+                               "to start from plain weights use model.pretrained=<path>")
         hp = dict(ckpt["hyper_parameters"])
         hp["model"] = {**hp["model"], "pretrained": None}
         module = cls(**hp)

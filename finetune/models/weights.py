@@ -28,6 +28,11 @@ class WeightsError(ValueError):
 
 def read_checkpoint(path: str | Path) -> StateDict:
     """Load tensors from .pth/.pt/.bin/.ckpt (weights only) or .safetensors, unwrapped."""
+    return unwrap_state_dict(load_safely(path), str(Path(path).expanduser()))
+
+
+def load_safely(path: str | Path) -> object:
+    """The object in a checkpoint file, read without ever unpickling code; clear errors otherwise."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: '{path}'")
@@ -52,7 +57,7 @@ def read_checkpoint(path: str | Path) -> StateDict:
             f"'{path}' is truncated or not a PyTorch/safetensors checkpoint ({_first_line(str(e))}); "
             "download or save it again"
         ) from None
-    return unwrap_state_dict(obj, str(path))
+    return obj
 
 
 def unwrap_state_dict(obj: object, origin: str = "state dict") -> StateDict:
