@@ -84,18 +84,15 @@ def compose_config(overrides: list[str], output_dir) -> "DictConfig":  # noqa: F
         return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
-def scalar_tags(tensorboard_dir) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in a TensorBoard folder, as (step, value) pairs."""
+def image_tags(tensorboard_dir) -> set[str]:
+    """Tags of the images logged under a TensorBoard folder."""
     from pathlib import Path
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(Path(tensorboard_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
+    tags: set[str] = set()
+    for events in Path(tensorboard_dir).rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 1})
         acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            series.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-        for tag in acc.Tags()["images"]:
-            series.setdefault(tag, [])
-    return series
+        tags |= set(acc.Tags()["images"])
+    return tags

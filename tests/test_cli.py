@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import scalar_tags
+from finetune.compare import read_scalars
+from helpers import image_tags
 
 FAST = [
     "model=b0", "model.pretrained=null", "model.resolution=32", "data=digits", "data.batch_size=32",
@@ -16,7 +17,7 @@ FAST = [
     "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
 ]
 TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_top5", "test/acc", "test/acc_top5",
-        "lr-AdamW/head", "lr-AdamW/stage6", "samples/train"}
+        "lr-AdamW/head", "lr-AdamW/stage6"}
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "finetune.train") -> subprocess.CompletedProcess:
@@ -38,8 +39,9 @@ def sweep(tmp_path_factory):
 def test_each_policy_writes_tensorboard_and_checkpoints(sweep, job, policy):
     run = sweep / str(job)
     assert (run / ".hydra" / "overrides.yaml").read_text().count(f"finetune={policy}") == 1
-    tags = scalar_tags(run / "tensorboard")
+    tags = read_scalars(run / "tensorboard")
     assert TAGS <= set(tags), TAGS - set(tags)
+    assert "samples/train" in image_tags(run / "tensorboard")
     assert (run / "tensorboard" / "hparams.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run / "checkpoints").glob("epoch*-val_acc*.ckpt"))) == 1
@@ -54,7 +56,7 @@ def test_resume_from_last_checkpoint_continues_training(sweep, tmp_path):
     assert "Restoring states from the checkpoint path" in out.stdout + out.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == 2
-    steps = [s for s, _ in scalar_tags(tmp_path / "tensorboard")["train/loss"]]
+    steps = [s for s, _ in read_scalars(tmp_path / "tensorboard")["train/loss"]]
     assert min(steps) >= 3  # the first epoch's 3 steps came from the checkpoint, not retraining
 
 
