@@ -82,6 +82,15 @@ class FineTuneModule(L.LightningModule):
             count += 1
         return count
 
+    def compile_parts(self) -> None:
+        """torch.compile each part in place (state-dict keys unchanged).
+
+        Parts, not the whole model: the policy decides per part whether autograd runs,
+        and `forward` calls the parts through `forward_features`/`forward_head`.
+        """
+        for part in model_parts(self.model).values():
+            part.compile()
+
     def train(self, mode: bool = True) -> FineTuneModule:
         super().train(mode)
         if mode:

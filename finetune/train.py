@@ -136,7 +136,7 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     if ckpt_path:
         check_resumable(ckpt_path, module)
     if cfg.trainer.get("compile"):
-        module.model.compile()
+        module.compile_parts()
     trainer = build_trainer(cfg, extra_callbacks)
     fit_data = CachedFeatureDataModule(datamodule) if module.policy.cache_features else datamodule
     trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path, weights_only=True)
