@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 Split = Literal["train", "val", "test"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,6 +103,28 @@ def random_translate_flip(images: Tensor, pad: int, flip: bool) -> Tensor:
     return gathered.permute(0, 3, 1, 2)
 
 
+class EpochSampler(DistributedSampler):
+    """A shuffle whose order, and whose DataLoader workers' seeds, in epoch e depend on (seed, e) alone.
+
+    DistributedSampler already draws epoch e's permutation from seed + e in `set_epoch`
+    (which Lightning calls every epoch) and shards it across DDP processes; Lightning
+    keeps a DistributedSampler as given. This one also owns the generator its DataLoader
+    draws each epoch's worker base seed from, reseeded with the epoch: loading never
+    touches torch's global RNG (which checkpoints restore for dropout and augmentation),
+    and a run resumed at epoch e replays the interrupted run's order and worker seeds.
+    Persistent workers draw their seeds once, at the first epoch, instead.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, epoch: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.generator = torch.Generator()
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.generator.manual_seed(self.seed + epoch)
+
+
 class ImageClassificationDataModule(L.LightningDataModule, ABC):
     """Base datamodule: uint8 worker batches, device-side float conversion/augment/resize/normalise.
 
@@ -159,6 +181,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self._datasets: dict[Split, Dataset] = {}
         self._class_names: list[str] | None = None
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._train_epoch = 0  # the epoch a new train loader starts at; a checkpoint restores it
 
     @property
     @abstractmethod
@@ -210,19 +233,37 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: Split, shuffle: bool) -> DataLoader:
-        # A fresh generator per loader makes the shuffle order (and the worker base seeds
-        # drawn from it) a function of `seed` alone, independent of global RNG use.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self.dataset(split)
+        sampler = self._shuffling_sampler(dataset) if shuffle else None
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
+            generator=sampler.generator if sampler is not None else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
         )
+
+    def _shuffling_sampler(self, dataset: Dataset) -> EpochSampler:
+        # One replica without a trainer or on one device; the trainer's world size and rank under DDP.
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return EpochSampler(dataset, num_replicas=replicas, rank=rank, seed=self.seed, epoch=self._train_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch the next training epoch shuffles for, saved in checkpoints.
+
+        On resume Lightning builds the train loader (and, with workers, fetches its first
+        indices) before it restores its loops and calls `set_epoch`; this makes that first
+        loader start at the resumed epoch's order.
+        """
+        trainer = self.trainer
+        return {"train_epoch": trainer.fit_loop.epoch_progress.current.processed} if trainer is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_epoch = int(state_dict.get("train_epoch", 0))
 
     def gpu_transform(self, images: Tensor, train: bool) -> Tensor:
         """uint8 B×C×H×W batch -> normalised float32 B×C×res×res (channels_last if enabled)."""

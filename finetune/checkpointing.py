@@ -4,18 +4,17 @@ Lightning writes checkpoints through an fsspec transaction whose temporary file 
 the system temp dir: when that is another filesystem than the run's, the final move is a
 copy, so a kill during it leaves a truncated `last.ckpt`, and nothing is fsynced. Here the
 temporary file sits next to the target, is fsynced, and replaces it with one `os.replace`
-(atomic on POSIX and Windows): a reader, or a run killed at any instant, sees either the
+(atomic on POSIX filesystems): a reader, or a run killed at any instant, sees either the
 previous complete file or the new complete one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
-import pickle
 import random
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from finetune.models.weights import WeightsError
+from finetune.models.weights import WeightsError, load_safely
 
 TEMP_SUFFIX = ".tmp"
 
@@ -50,7 +49,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
-    for stale in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):  # left by writers that were killed
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):  # left by killed writers
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
 
@@ -72,7 +71,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     already make all-or-nothing.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_save(checkpoint, path)
@@ -118,8 +119,9 @@ class RNGStateCallback(L.Callback):
     """Saves every process's RNG states in checkpoints and restores them when a run resumes.
 
     Dropout, stochastic depth, device-side augmentation, CPU transforms in the main process
-    and the DataLoader's per-epoch worker base seed all draw from these generators. They are
-    captured when a checkpoint is written (end of validation) and restored in `on_train_start`,
+    and the evaluation loaders' worker seeds draw from these generators (the training data
+    order does not: see `datamodules.base.EpochSampler`). They are captured when a
+    checkpoint is written (after an epoch's validation) and restored in `on_train_start`,
     the last hook before the next epoch's first draw: whatever setup and a sanity check
     consume in the resumed process is then irrelevant, and the resumed run continues the
     exact random sequence of the interrupted one.
@@ -157,7 +159,7 @@ class RNGStateCallback(L.Callback):
 
 
 def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True`; anything that is not one is a one-line WeightsError."""
+    """Read a resume checkpoint without unpickling code; anything that is not one is a one-line WeightsError."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(
@@ -165,20 +167,9 @@ def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
             "or ckpt_path=null to start fresh"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
-        if blocked:
-            raise WeightsError(
-                f"refused to load ckpt_path '{path}': it holds pickled objects that could run code ({blocked}); "
-                "only checkpoints written by finetune are accepted"
-            ) from None
-        raise WeightsError(f"ckpt_path '{path}' is truncated or not a checkpoint; use another one, e.g. last.ckpt") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
-        raise WeightsError(
-            f"ckpt_path '{path}' is truncated or not a checkpoint ({first}); use another one, e.g. last.ckpt"
-        ) from None
+        ckpt = load_safely(path)
+    except WeightsError as e:
+        raise WeightsError(f"ckpt_path: {e}") from None
     if not isinstance(ckpt, dict):
         raise WeightsError(f"ckpt_path '{path}' is not a Lightning checkpoint (it holds a {type(ckpt).__name__})")
     return ckpt

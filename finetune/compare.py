@@ -10,6 +10,7 @@ those TensorBoard logs, so the table and the curves cannot disagree.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,8 +24,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.errors import user_errors
-from finetune.train import build_datamodule, fit
+from finetune.errors import take_debug_flag, user_errors
+from finetune.train import build_datamodule, check_overrides, fit
 
 
 @dataclass
@@ -214,8 +215,16 @@ def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) ->
     plt.close(fig)
 
 
+def main() -> None:
+    """The `finetune-compare` command: one-line errors for bad options, then Hydra runs the comparison."""
+    sys.argv[1:] = take_debug_flag(sys.argv[1:])
+    with user_errors():
+        check_overrides(sys.argv[1:])
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="compare")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     with user_errors():
         hydra_cfg = HydraConfig.get()
         results = compare(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)

@@ -50,10 +50,11 @@ class FiniteLossGuard(L.Callback):
 
 def _last_good(trainer: L.Trainer) -> str:
     """Where the newest checkpoint written before the failure is, phrased as the way to resume."""
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is None:
+    if not trainer.checkpoint_callbacks:
         return "checkpointing is off, nothing to resume from"
-    path = next((p for p in (checkpoint.last_model_path, checkpoint.best_model_path) if p and os.path.isfile(p)), None)
-    if path is None:
+    written = {p for c in trainer.checkpoint_callbacks for p in (c.last_model_path, c.best_model_path)
+               if p and os.path.isfile(p)}
+    if not written:
         return "no checkpoint was written yet"
+    path = max(written, key=lambda p: (os.stat(p).st_mtime_ns, os.path.basename(p).startswith("last")))
     return f"last good checkpoint: {path} (resume with ckpt_path={path})"

@@ -120,7 +120,7 @@ class FineTuneModule(L.LightningModule):
         loss = self.criterion(logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/epoch_loss", loss, on_step=False, on_epoch=True)
+        self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -129,7 +129,7 @@ class FineTuneModule(L.LightningModule):
         logits = self(x)
         self.val_acc(logits, y)
         self.val_acc_top5(logits, y)
-        self.log("val/loss", self.criterion(logits, y), on_epoch=True, prog_bar=True)
+        self.log("val/loss", self.criterion(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
         self.log("val/acc_top5", self.val_acc_top5, on_epoch=True)
 
@@ -138,7 +138,7 @@ class FineTuneModule(L.LightningModule):
         logits = self(x)
         self.test_acc(logits, y)
         self.test_acc_top5(logits, y)
-        self.log("test/loss", self.criterion(logits, y), on_epoch=True)
+        self.log("test/loss", self.criterion(logits, y), on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
         self.log("test/acc_top5", self.test_acc_top5, on_epoch=True)
 

@@ -17,6 +17,8 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -117,13 +119,31 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks += [FiniteLossGuard(), RNGStateCallback(), DDPPolicySetup(), *(extra_callbacks or [])]
-    return L.Trainer(
+    trainer = L.Trainer(
         logger=loggers or False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.paths.output_dir,
         **trainer_kwargs(cfg),
     )
+    _check_not_in_local_sweep(trainer)
+    return trainer
+
+
+def _check_not_in_local_sweep(trainer: L.Trainer) -> None:
+    """Refuse DDP processes that Lightning would start itself inside a `-m` sweep of this machine.
+
+    Lightning starts them by re-running the command line, which re-runs the whole sweep in
+    each of them. Under SLURM or torchrun the processes exist already, and that is fine.
+    """
+    strategy = trainer.strategy
+    if (trainer.world_size > 1 and strategy.launcher is not None
+            and not strategy.cluster_environment.creates_processes_externally
+            and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        raise ValueError(
+            "trainer=ddp cannot start its processes inside a local -m sweep (Lightning re-runs the command line "
+            "for each); sweep with hydra/launcher=slurm, or run one command per sweep point (plain or under torchrun)"
+        )
 
 
 def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
@@ -171,6 +191,7 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra's entry: fit, and hand the best validation accuracy to sweepers that optimise it."""
     with user_errors():
         metrics = fit(cfg)
         value = metrics.get("best_val_acc")
