@@ -3,24 +3,34 @@
 At 32×32 the per-image CPU cost of PIL transforms would dominate, so workers only index
 a tensor; crop-with-padding + flip run batched in `gpu_transform` at native size,
 before the upsampling to the network resolution.
+
+With `device_resident` the uint8 splits live on the accelerator itself (CIFAR-100's
+train split is 138 MB) and batches are gathered there by index: no workers, no pinned
+copies, no host-to-device transfer per step. Both paths draw their order from the same
+sampler, so they give the same batches.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split, stratified_split
 from datamodules.errors import dataset_not_found
 
 _SOURCE = "the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
+#: "auto" keeps a split on the GPU only if it takes at most this share of the free memory:
+#: the rest is for the model's weights, optimizer state and activations.
+RESIDENT_MAX_FREE_FRACTION = 0.1
 
 
 # torchvision verifies each file's md5 before loading. We check the files' presence and
@@ -38,10 +48,37 @@ class _PresenceCheckedCIFAR100(CIFAR100):
     meta = {**CIFAR100.meta, "md5": None}
 
 
+class DeviceBatches:
+    """Batches gathered by index from uint8 tensors that already live on the device.
+
+    The order is its sampler's, the same sampler the worker path's DataLoader would get
+    (seeded per epoch, sharded under DDP), so both paths yield the same batches. Lightning
+    iterates it like a DataLoader: it finds `set_epoch` on `sampler`, and
+    `on_after_batch_transfer` still runs `gpu_transform` on each (already on-device) batch.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: Sampler[int]) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # One upload of the epoch's order, then only device-side gathers.
+        order = torch.as_tensor(list(self.sampler), dtype=torch.int64).to(self.images.device)
+        for batch in order.split(self.batch_size):
+            yield self.images[batch], self.labels[batch]
+
+
 class _CIFARDataModule(ImageClassificationDataModule):
     """Official train minus a stratified, seeded `val_fraction` hold-out; test = official test.
 
     `val_fraction=0` trains on the full official train set and validates on the test set.
+    `device_resident`: True keeps the uint8 splits on the trainer's root device (the CPU
+    when there is no trainer) and serves batches from there; "auto" does so on a CUDA
+    device when a split takes at most `RESIDENT_MAX_FREE_FRACTION` of its free memory.
     """
 
     device_pad = 4
@@ -49,12 +86,16 @@ class _CIFARDataModule(ImageClassificationDataModule):
     _title: str
     _reader: type[CIFAR10]
 
-    def __init__(self, *, val_fraction: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, *, val_fraction: float = 0.1, device_resident: bool | Literal["auto"] = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if device_resident not in (True, False, "auto"):
+            raise ValueError(f"device_resident must be true, false or 'auto', got {device_resident!r}")
         self.val_fraction = val_fraction
+        self.device_resident = device_resident
         self._official: dict[bool, tuple[Tensor, Tensor, list[str]]] = {}
+        self._resident: dict[tuple[Split, torch.device], tuple[Tensor, Tensor]] = {}
 
     @property
     def has_test(self) -> bool:
@@ -106,6 +147,38 @@ class _CIFARDataModule(ImageClassificationDataModule):
         train_idx, val_idx = stratified_split(labels.numpy(), (1 - self.val_fraction, self.val_fraction), self.seed)
         index = torch.from_numpy(train_idx if split == "train" else val_idx)
         return InMemoryImageDataset(images[index], labels[index])
+
+    def _loader(self, split: Split, shuffle: bool) -> DataLoader | DeviceBatches:
+        device = self.resident_device(split)
+        if device is None:
+            return super()._loader(split, shuffle)
+        dataset = self.dataset(split)
+        if shuffle:
+            sampler = self._shuffling_sampler(dataset)
+        else:  # in order; under DDP each rank takes its share, as Lightning does for the worker path
+            replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+            sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
+        return DeviceBatches(*self._on_device(split, device), self.batch_size, sampler)
+
+    def resident_device(self, split: Split) -> torch.device | None:
+        """The device that will hold `split`'s uint8 tensors, or None to serve it from CPU workers."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.device_resident is False:
+            return None
+        if self.device_resident == "auto":
+            if device.type != "cuda":
+                return None  # on the CPU there is no transfer to save
+            free, _ = torch.cuda.mem_get_info(device)
+            if self.dataset(split).images.nbytes > RESIDENT_MAX_FREE_FRACTION * free:
+                return None
+        return device
+
+    def _on_device(self, split: Split, device: torch.device) -> tuple[Tensor, Tensor]:
+        # Copied once per split and device; every epoch then gathers from the same storage.
+        if (split, device) not in self._resident:
+            dataset = self.dataset(split)
+            self._resident[split, device] = (dataset.images.to(device), dataset.labels.to(device))
+        return self._resident[split, device]
 
 
 class CIFAR100DataModule(_CIFARDataModule):

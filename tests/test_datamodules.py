@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -24,7 +25,8 @@ from datamodules import (
     Flowers102DataModule,
     ImageFolderDataModule,
 )
-from datamodules.base import random_translate_flip, stratified_split
+from datamodules.base import EpochSampler, random_translate_flip, stratified_split
+from datamodules.cifar import DeviceBatches
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -251,6 +253,68 @@ def test_cifar_device_augmentation(cifar100_root: Path) -> None:
 
     plain = CIFAR100DataModule(root=str(cifar100_root), num_workers=0, augment=False, resolution=48)
     assert torch.equal(plain.gpu_transform(images, train=True), plain.gpu_transform(images, train=False))
+
+
+def _epoch_batches(loader: object, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if loader.sampler is not None:
+        loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def test_cifar_device_resident_gives_the_worker_path_batches(cifar100_root: Path) -> None:
+    """Same seed and epoch: identical batches, including the short last one (180 = 5×32 + 20)."""
+    kwargs = dict(root=str(cifar100_root), num_workers=0, batch_size=32, seed=7)
+    workers = CIFAR100DataModule(device_resident=False, **kwargs)
+    resident = CIFAR100DataModule(device_resident=True, **kwargs)
+    assert resident.resident_device("train") == torch.device("cpu")  # no trainer: the CPU is the device
+    worker_loader, resident_loader = workers.train_dataloader(), resident.train_dataloader()
+    assert isinstance(resident_loader, DeviceBatches) and isinstance(worker_loader, torch.utils.data.DataLoader)
+    assert len(resident_loader) == len(worker_loader) == 6
+
+    orders = []
+    for epoch in (0, 1, 5, 1):
+        expected, got = _epoch_batches(worker_loader, epoch), _epoch_batches(resident_loader, epoch)
+        assert [len(y) for _, y in got] == [32] * 5 + [20]
+        for (xe, ye), (xg, yg) in zip(expected, got, strict=True):
+            assert torch.equal(xe, xg) and torch.equal(ye, yg)
+        orders.append(torch.cat([y for _, y in got]))
+    assert not torch.equal(orders[0], orders[1]) and torch.equal(orders[1], orders[3])  # a function of the epoch
+
+    for split in ("val", "test"):
+        plain = list(getattr(workers, f"{split}_dataloader")())
+        served = list(getattr(resident, f"{split}_dataloader")())
+        assert all(torch.equal(a, b) for pa, pb in zip(plain, served, strict=True) for a, b in zip(pa, pb))
+
+
+def test_cifar_device_resident_auto_stays_off_on_cpu(cifar100_root: Path) -> None:
+    dm = CIFAR100DataModule(root=str(cifar100_root), num_workers=0)
+    assert dm.device_resident == "auto" and dm.resident_device("train") is None
+    assert isinstance(dm.train_dataloader(), torch.utils.data.DataLoader)
+    with pytest.raises(ValueError, match="device_resident"):
+        CIFAR100DataModule(root=str(cifar100_root), device_resident="yes")
+
+
+def test_cifar_device_resident_shards_like_the_worker_path_under_ddp(cifar100_root: Path) -> None:
+    """Two ranks (a stand-in trainer): each path gives each rank the same disjoint, equal-length share."""
+    kwargs = dict(root=str(cifar100_root), num_workers=0, batch_size=16, seed=3)
+    shares = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        loaders = []
+        for resident in (False, True):
+            dm = CIFAR100DataModule(device_resident=resident, **kwargs)
+            dm.trainer = trainer
+            loaders.append((dm.train_dataloader(), dm.val_dataloader()))
+        (worker_train, worker_val), (resident_train, resident_val) = loaders
+        assert isinstance(resident_train, DeviceBatches) and len(resident_train) == len(worker_train) == 6  # 90 each
+        expected, got = _epoch_batches(worker_train, 2), _epoch_batches(resident_train, 2)
+        assert all(torch.equal(x, y) for pa, pb in zip(expected, got, strict=True) for x, y in zip(pa, pb))
+        shares.append(torch.cat([y for _, y in got]))
+        # Lightning shards the worker path's val loader itself (in order); the resident one comes sharded.
+        val_labels = worker_val.dataset.labels
+        assert torch.cat([y for _, y in resident_val]).tolist() == val_labels[rank::2].tolist()
+    train_labels = CIFAR100DataModule(**kwargs).dataset("train").labels
+    assert sorted(torch.cat(shares).tolist()) == sorted(train_labels.tolist())
 
 
 def test_cifar_malformed_pickle(tmp_path: Path) -> None:
@@ -505,6 +569,44 @@ class _Probe(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _LabelProbe(_Probe):
+    """Also records each training batch's labels; 100 classes for CIFAR-100."""
+
+    def __init__(self, pixels: int) -> None:
+        super().__init__(pixels)
+        self.head = nn.Linear(pixels, 100)
+        self.labels: list[torch.Tensor] = []
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        self.labels.append(batch[1].clone())
+        return super().training_step(batch, index)
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_cifar_resident_and_worker_paths_train_on_the_same_batches(cifar100_root: Path, resident: bool) -> None:
+    """Through a real Trainer over 2 epochs: Lightning's `set_epoch` reaches both paths' sampler."""
+
+    def fit(device_resident: bool) -> list[torch.Tensor]:
+        dm = CIFAR100DataModule(root=str(cifar100_root), num_workers=0, batch_size=64, resolution=8,
+                                device_resident=device_resident)
+        model = _LabelProbe(3 * 8 * 8)
+        trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, datamodule=dm)
+        assert isinstance(trainer.train_dataloader, DeviceBatches) == device_resident
+        assert all(shape == (3, 8, 8) and dtype == torch.float32 for _, dtype, shape in model.seen)
+        return model.labels
+
+    labels = fit(resident)
+    train = CIFAR100DataModule(root=str(cifar100_root)).dataset("train")
+    expected = []
+    for epoch in (0, 1):
+        sampler = EpochSampler(train, num_replicas=1, rank=0, seed=0, epoch=epoch)
+        expected += list(train.labels[list(sampler)].split(64))
+    assert len(labels) == len(expected) == 6
+    assert all(torch.equal(a, b) for a, b in zip(labels, expected))
 
 
 def test_trainer_applies_gpu_transform_with_training_flag(monkeypatch: pytest.MonkeyPatch) -> None:

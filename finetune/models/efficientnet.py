@@ -9,6 +9,8 @@ is what the parity tests check.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -23,6 +25,7 @@ Padding = Literal["symmetric", "same"]
 PADDINGS = ("symmetric", "same")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,8 @@ class EfficientNet(nn.Module):
             with torch.set_grad_enabled(grad and i >= no_grad_parts):
                 if self.grad_checkpointing and torch.is_grad_enabled() and 0 < i < len(layers) - 1:
                     for block in layer:
-                        x = checkpoint(block, x, use_reentrant=False)
+                        x = checkpoint(block, x, use_reentrant=False,
+                                       context_fn=lambda b=block: (nullcontext(), _keep_norm_stats(b)))
                 else:
                     x = layer(x)
         return x
@@ -269,6 +273,19 @@ class EfficientNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+@contextmanager
+def _keep_norm_stats(module: nn.Module) -> Iterator[None]:
+    """Recomputation re-runs BatchNorm in training mode: undo its second statistics update."""
+    buffers = [b for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] in NORM_STATS]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
 
 
 def _init_weights(m: nn.Module) -> None:
