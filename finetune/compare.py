@@ -10,7 +10,6 @@ those TensorBoard logs, so the table and the curves cannot disagree.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,8 +23,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.errors import take_debug_flag, user_errors
-from finetune.train import build_datamodule, check_overrides, fit
+from finetune.errors import user_errors
+from finetune.train import build_datamodule, fit, run_command
 
 
 @dataclass
@@ -216,11 +215,8 @@ def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) ->
 
 
 def main() -> None:
-    """The `finetune-compare` command: one-line errors for bad options, then Hydra runs the comparison."""
-    sys.argv[1:] = take_debug_flag(sys.argv[1:])
-    with user_errors():
-        check_overrides(sys.argv[1:])
-    hydra_main()
+    """The `finetune-compare` command."""
+    run_command(hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="compare")

@@ -10,7 +10,7 @@ import importlib.resources
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +181,17 @@ def _number(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def main() -> None:
-    """The `finetune` command: one-line errors for bad options, then Hydra composes and runs `fit`."""
+def run_command(hydra_entry: Callable[[], Any]) -> None:
+    """A console script: `--debug`, one-line errors for unknown group options, then the Hydra app."""
     sys.argv[1:] = take_debug_flag(sys.argv[1:])
     with user_errors():
         check_overrides(sys.argv[1:])
-    hydra_main()
+    hydra_entry()
+
+
+def main() -> None:
+    """The `finetune` command: Hydra composes the config and runs `fit`."""
+    run_command(hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 
@@ -74,7 +75,7 @@ def serve_files(files: dict[str, bytes], hf_commit: str = "0" * 40) -> Iterator[
         server.server_close()
 
 
-def compose_config(overrides: list[str], output_dir) -> "DictConfig":  # noqa: F821 - hydra imported lazily
+def compose_config(overrides: list[str], output_dir) -> DictConfig:
     """The `finetune` CLI's config for these overrides, writing into `output_dir`, without a subprocess."""
     from hydra import compose, initialize_config_module
 

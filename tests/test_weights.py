@@ -1,7 +1,6 @@
 """Loading real weights, downloading through timm/torchvision from a local server, refusing bad files."""
 
 import io
-import json
 import os
 import pickle
 import subprocess

@@ -181,15 +181,21 @@ def _layout_context(sd: Mapping[str, torch.Tensor], layout: str, stage_sizes: li
     return {"places": places}
 
 
+def _outer_key(key: str, names: Mapping[str, str], stem_bn: str, top_bn: str) -> str | None:
+    """Stem, top conv and classifier keys, which lie outside the blocks in every layout."""
+    if key in names:
+        return names[key]
+    for theirs, ours in ((stem_bn, "stem.bn"), (top_bn, "top.bn")):
+        if m := re.fullmatch(re.escape(theirs) + r"\." + _BN_OR_CONV, key):
+            return f"{ours}.{m[1]}"
+    return None
+
+
 def _timm_key(key: str, ctx: dict) -> str | None:
-    top = {"conv_stem.weight": "stem.conv.weight", "conv_head.weight": "top.conv.weight",
-           "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
-    if key in top:
-        return top[key]
-    if m := re.fullmatch(r"bn1\." + _BN_OR_CONV, key):
-        return f"stem.bn.{m[1]}"
-    if m := re.fullmatch(r"bn2\." + _BN_OR_CONV, key):
-        return f"top.bn.{m[1]}"
+    outer = {"conv_stem.weight": "stem.conv.weight", "conv_head.weight": "top.conv.weight",
+             "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+    if (new := _outer_key(key, outer, "bn1", "bn2")) is not None:
+        return new
     m = re.fullmatch(r"(blocks\.(\d+)\.(\d+))\.(.+)", key)
     if not m:
         return None
@@ -225,14 +231,10 @@ def _torchvision_key(key: str, ctx: dict) -> str | None:
 
 
 def _lukemelas_key(key: str, ctx: dict) -> str | None:
-    top = {"_conv_stem.weight": "stem.conv.weight", "_conv_head.weight": "top.conv.weight",
-           "_fc.weight": "classifier.weight", "_fc.bias": "classifier.bias"}
-    if key in top:
-        return top[key]
-    if m := re.fullmatch(r"_bn0\." + _BN_OR_CONV, key):
-        return f"stem.bn.{m[1]}"
-    if m := re.fullmatch(r"_bn1\." + _BN_OR_CONV, key):
-        return f"top.bn.{m[1]}"
+    outer = {"_conv_stem.weight": "stem.conv.weight", "_conv_head.weight": "top.conv.weight",
+             "_fc.weight": "classifier.weight", "_fc.bias": "classifier.bias"}
+    if (new := _outer_key(key, outer, "_bn0", "_bn1")) is not None:
+        return new
     m = re.fullmatch(r"_blocks\.(\d+)\.(.+)", key)
     if not m:
         return None
