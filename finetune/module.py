@@ -74,13 +74,16 @@ class FineTuneModule(L.LightningModule):
     # --- policy ---------------------------------------------------------------------------
 
     @property
-    def no_grad_parts(self) -> int:
-        """Leading feature parts (stem, stages, top) that are frozen: they run without a graph."""
+    def frozen_parts(self) -> list[str]:
+        return self._frozen_parts
+
+    @frozen_parts.setter
+    def frozen_parts(self, frozen: list[str]) -> None:
+        """Also count the leading feature parts (stem, stages, top) that are frozen, once per change:
+        `forward` runs that many without a graph on every batch."""
+        self._frozen_parts = frozen
         names = [n for n in model_parts(self.model) if n != "head"]
-        count = 0
-        while count < len(names) and names[count] in self.frozen_parts:
-            count += 1
-        return count
+        self.no_grad_parts = next((i for i, n in enumerate(names) if n not in frozen), len(names))
 
     def compile_parts(self) -> None:
         """torch.compile each part in place (state-dict keys unchanged).
