@@ -158,8 +158,12 @@ class RNGStateCallback(L.Callback):
 # --- resume checks --------------------------------------------------------------------------
 
 
-def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
-    """Read a resume checkpoint without unpickling code; anything that is not one is a one-line WeightsError."""
+def load_resume_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A finetune training checkpoint, memory-mapped and checked for what resuming needs.
+
+    Mapped, not read: Lightning reads the tensors itself when it restores the run.
+    Anything else is a one-line WeightsError.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(
@@ -167,17 +171,11 @@ def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
             "or ckpt_path=null to start fresh"
         )
     try:
-        ckpt = load_safely(path)
+        ckpt = load_safely(path, mmap=True)
     except WeightsError as e:
         raise WeightsError(f"ckpt_path: {e}") from None
     if not isinstance(ckpt, dict):
         raise WeightsError(f"ckpt_path '{path}' is not a Lightning checkpoint (it holds a {type(ckpt).__name__})")
-    return ckpt
-
-
-def check_resumable(path: str | Path, module: L.LightningModule) -> None:
-    """Refuse, in one line, a resume checkpoint that does not belong to the model this config builds."""
-    ckpt = load_checkpoint_safely(path)
     hp = ckpt.get("hyper_parameters")
     if not isinstance(hp, dict) or not isinstance(ckpt.get("state_dict"), dict) or "model" not in hp:
         raise WeightsError(
@@ -189,6 +187,12 @@ def check_resumable(path: str | Path, module: L.LightningModule) -> None:
             f"ckpt_path '{path}' holds weights only (no optimizer or loop state) and cannot resume a run; "
             "use model.pretrained=<path> to start from these weights"
         )
+    return ckpt
+
+
+def check_resumable(ckpt: dict[str, Any], path: str | Path, module: L.LightningModule) -> None:
+    """Refuse, in one line, a resume checkpoint that does not belong to the model this config builds."""
+    hp = ckpt["hyper_parameters"]
     ours = module.hparams
     theirs_name, ours_name = hp["model"].get("name"), ours["model"].get("name")
     theirs_classes, ours_classes = hp.get("num_classes"), ours["num_classes"]

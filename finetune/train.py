@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable
+from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable, load_resume_checkpoint
 from finetune.errors import take_debug_flag, user_errors
 from finetune.features import CachedFeatureDataModule
 from finetune.guards import FiniteLossGuard
@@ -34,6 +34,8 @@ OmegaConf.register_new_resolver("phi_resolution", lambda phi: compound(float(phi
 
 #: Config groups whose options are files under conf/<group>/; checked before Hydra sees them.
 GROUPS = ("model", "data", "finetune", "optim", "trainer", "logger", "callbacks", "experiment")
+#: Model settings a checkpoint records (FineTuneModule writes them) that its weights depend on.
+RECORDED_MODEL_KEYS = ("padding", "bn_eps", "mean", "std")
 #: Options that add config folders: their groups may hold options only Hydra can list.
 _EXTRA_CONFIG_FLAGS = ("hydra.searchpath", "--config-dir", "-cd", "--config-path", "-cp")
 
@@ -80,10 +82,22 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return instantiate(data)
 
 
-def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> FineTuneModule:
+def build_module(
+    cfg: DictConfig, datamodule: L.LightningDataModule, resume: dict[str, Any] | None = None
+) -> FineTuneModule:
+    """The LightningModule for `cfg`; when resuming, its weights come from `resume` alone.
+
+    A resumed run's checkpoint holds every weight, so the pretrained ones are not fetched
+    again (no network, no download); the padding, BN eps and normalisation they implied
+    are taken from the checkpoint instead.
+    """
     container = OmegaConf.to_container(cfg, resolve=True)
+    model = container["model"]
+    if resume is not None:
+        recorded = resume["hyper_parameters"]["model"]
+        model = {**model, "pretrained": None, **{k: recorded[k] for k in RECORDED_MODEL_KEYS if k in recorded}}
     module = FineTuneModule(
-        model=container["model"],
+        model=model,
         num_classes=datamodule.num_classes,
         finetune=container["finetune"],
         optim=container["optim"],
@@ -149,12 +163,13 @@ def _check_not_in_local_sweep(trainer: L.Trainer) -> None:
 def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     """Fit (or resume from `cfg.ckpt_path`), test the best checkpoint, write `metrics.json` into the run directory."""
     check_config(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    resume = load_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:
-        check_resumable(ckpt_path, module)
+    module = build_module(cfg, datamodule, resume)
+    if resume is not None:
+        check_resumable(resume, ckpt_path, module)
     if cfg.trainer.get("compile"):
         module.compile_parts()
     trainer = build_trainer(cfg, extra_callbacks)

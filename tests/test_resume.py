@@ -132,3 +132,25 @@ def test_resume_after_sigkill_equals_uninterrupted_run(runs: dict[str, Path]) ->
     resumed, uninterrupted = weights(runs["killed"]), weights(runs["first"])
     assert resumed.keys() == uninterrupted.keys()
     assert [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])] == []
+
+
+def test_resume_needs_the_checkpoint_only_not_the_pretrained_weights(tmp_path: Path) -> None:
+    """A run started from a weights file resumes after that file is gone (offline, moved, cleaned up)."""
+    import timm
+
+    from finetune.train import fit
+    from helpers import compose_config
+
+    weights_file = tmp_path / "tf_b0.pth"
+    torch.save(timm.create_model("tf_efficientnet_b0").state_dict(), weights_file)  # TF port: same padding, eps 1e-3
+    run = ["model=b0", f"model.pretrained={weights_file}", "model.padding=same", "model.bn_eps=1e-3",
+           "model.resolution=32", "data=digits", "data.batch_size=32", "trainer=cpu",
+           "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+           "trainer.enable_progress_bar=false", "logger=csv"]
+    first = fit(compose_config([*run, "trainer.max_epochs=1"], tmp_path / "first"))
+    weights_file.unlink()
+    last = Path(first["best_checkpoint"]).with_name("last.ckpt")
+    resumed = fit(compose_config([*run, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "resumed"))
+    assert resumed["epochs"] == 2
+    stored = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert (stored["model"]["padding"], stored["model"]["bn_eps"]) == ("same", 1e-3)

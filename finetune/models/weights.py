@@ -31,8 +31,12 @@ def read_checkpoint(path: str | Path) -> StateDict:
     return unwrap_state_dict(load_safely(path), str(Path(path).expanduser()))
 
 
-def load_safely(path: str | Path) -> object:
-    """The object in a checkpoint file, read without ever unpickling code; clear errors otherwise."""
+def load_safely(path: str | Path, mmap: bool = False) -> object:
+    """The object in a checkpoint file, read without ever unpickling code; clear errors otherwise.
+
+    `mmap=True` maps tensor data instead of reading it, for callers that only look at
+    metadata and shapes of a (zip-format) checkpoint.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights file not found: '{path}'")
@@ -43,7 +47,7 @@ def load_safely(path: str | Path) -> object:
         if path.suffix == ".safetensors":
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
         if blocked:
