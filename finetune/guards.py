@@ -21,17 +21,28 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class FiniteLossGuard(L.Callback):
-    """Raise NonFiniteLossError at the first NaN/inf loss (on any rank) or non-finite weights to save.
+    """Raise NonFiniteLossError before an update from a NaN/inf loss (on any rank), or on non-finite weights to save.
 
-    Costs one host sync per step (and one tiny all-reduce under DDP, so every rank stops
-    at the same step instead of the others hanging in the next gradient all-reduce).
+    The losses are only recorded as tensors before backward; the one host sync per update
+    (plus one tiny all-reduce under DDP, so every rank stops at the same step instead of
+    the others hanging in the next gradient all-reduce) waits until backward has been
+    queued. Syncing before backward would idle a GPU while the CPU queues its kernels.
     """
 
+    def __init__(self) -> None:
+        self._losses: list[torch.Tensor] = []
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        finite = bool(torch.isfinite(loss.detach()).all())
+        self._losses.append(loss.detach())
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not self._losses:  # a step without a loss of ours (e.g. manual optimisation elsewhere)
+            return
+        losses, self._losses = torch.stack(self._losses), []
+        finite = bool(torch.isfinite(losses).all())
         if trainer.strategy.reduce_boolean_decision(finite, all=True):
             return
-        value = "non-finite on another process" if finite else loss.detach().float().item()
+        value = "non-finite on another process" if finite else losses[~torch.isfinite(losses)][0].float().item()
         raise NonFiniteLossError(
             f"loss became {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
             f"stopped before that update; {_last_good(trainer)}; lower optim.lr or set trainer.gradient_clip_val"
