@@ -79,8 +79,7 @@ class FineTuneModule(L.LightningModule):
 
     @frozen_parts.setter
     def frozen_parts(self, frozen: list[str]) -> None:
-        """Also count the leading feature parts (stem, stages, top) that are frozen, once per change:
-        `forward` runs that many without a graph on every batch."""
+        # Count the frozen leading feature parts once per change, not in every forward.
         self._frozen_parts = frozen
         names = [n for n in model_parts(self.model) if n != "head"]
         self.no_grad_parts = next((i for i, n in enumerate(names) if n not in frozen), len(names))
