@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from finetune.errors import ConfigError
+
 Split = Literal["train", "val", "test"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,12 +159,12 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0 or resolution < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"need batch_size >= 1, num_workers >= 0, resolution >= 1; "
                 f"got {batch_size}, {num_workers}, {resolution}"
             )
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
+            raise ConfigError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
         # Recorded so checkpoints carry the data config (Lightning stores datamodule hparams).
         self.save_hyperparameters()
         self.root = str(root)
@@ -290,7 +292,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Adopt the model's input statistics: the weights, not the data, decide them."""
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
+            raise ConfigError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._stats.clear()

@@ -26,6 +26,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 
 from datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split, stratified_split
 from datamodules.errors import dataset_not_found
+from finetune.errors import ConfigError
 
 _SOURCE = "the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
 #: "auto" keeps a split on the GPU only if it takes at most this share of the free memory:
@@ -89,9 +90,9 @@ class _CIFARDataModule(ImageClassificationDataModule):
     def __init__(self, *, val_fraction: float = 0.1, device_resident: bool | Literal["auto"] = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if device_resident not in (True, False, "auto"):
-            raise ValueError(f"device_resident must be true, false or 'auto', got {device_resident!r}")
+            raise ConfigError(f"device_resident must be true, false or 'auto', got {device_resident!r}")
         self.val_fraction = val_fraction
         self.device_resident = device_resident
         self._official: dict[bool, tuple[Tensor, Tensor, list[str]]] = {}
@@ -119,7 +120,7 @@ class _CIFARDataModule(ImageClassificationDataModule):
                 self._title, self.root, f"{folder}/{{{','.join(names)}}}", missing, _SOURCE
             ) from None
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
-            raise ValueError(
+            raise ConfigError(
                 f"{self._title} files under '{folder}' are not in the CIFAR python (pickle) format "
                 f"({type(error).__name__}: {error}); use {_SOURCE}"
             ) from error

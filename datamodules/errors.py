@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from finetune.errors import ConfigError
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is absent from `root` and `download` is off (or it cannot be downloaded)."""
 
 
-class CorruptImageError(ValueError):
-    """An image file cannot be decoded; found by the setup-time scan, never mid-epoch."""
+class CorruptImageError(ConfigError):
+    """An image file cannot be decoded; the message names it and how to skip such files."""
 
 
 def dataset_not_found(

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from datamodules.base import ImageClassificationDataModule, Split, stratified_split
 from datamodules.errors import dataset_not_found
 from datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset, drop_unreadable, worker_transform
+from finetune.errors import ConfigError
 
 
 def _class_folders(folder: Path) -> list[Path]:
@@ -42,7 +43,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     def __init__(self, *, val_fraction: float = 0.2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.val_fraction = val_fraction
         self._base = Path(self.root)
 
@@ -80,13 +81,13 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         labels: list[int] = []
         for class_folder in _class_folders(folder):
             if class_folder.name not in index:
-                raise ValueError(
+                raise ConfigError(
                     f"class folder '{class_folder}' has no counterpart in '{self._train_folder}'; "
                     f"train/val/test must share one class list"
                 )
             found = _image_files(class_folder)
             if not found:
-                raise ValueError(
+                raise ConfigError(
                     f"class folder '{class_folder}' holds no images "
                     f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder"
                 )

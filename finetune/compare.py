@@ -23,7 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.errors import user_errors
+from finetune.errors import ConfigError, user_errors
 from finetune.train import build_datamodule, fit, run_command
 
 
@@ -107,7 +107,7 @@ def compare(overrides: list[str], output_dir: str | Path) -> list[PolicyResult]:
     base = compose(overrides)
     policies = list(base.compare.policies)
     if not policies or len(set(policies)) != len(policies):
-        raise ValueError(f"compare.policies must list distinct policies, got {policies}")
+        raise ConfigError(f"compare.policies must list distinct policies, got {policies}")
     results, best = [], {}
     for policy in policies:
         cache = policy == "frozen" and bool(base.compare.cache_frozen_features) and not base.data.get("augment", True)

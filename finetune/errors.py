@@ -7,9 +7,16 @@ import os
 import sys
 from collections.abc import Iterator
 
-from finetune.models.weights import WeightsError
-
 DEBUG_ENV = ("FINETUNE_DEBUG", "HYDRA_FULL_ERROR")
+
+
+class ConfigError(ValueError):
+    """A value a user set (config key, CLI argument, file) is wrong; the message says how to fix it.
+
+    Only this family (and the data, weights and divergence errors below) becomes a one-line
+    error: a plain ValueError from inside torch or our own code is a bug and keeps its traceback.
+    """
+
 DEBUG_FLAG = "--debug"
 
 
@@ -31,7 +38,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from datamodules.errors import CorruptImageError, DatasetNotFoundError
     from finetune.guards import NonFiniteLossError
 
-    return (ValueError, FileNotFoundError, WeightsError, DatasetNotFoundError, CorruptImageError, NonFiniteLossError)
+    # WeightsError is a ConfigError; CorruptImageError too (see datamodules.errors).
+    return (ConfigError, DatasetNotFoundError, CorruptImageError, NonFiniteLossError)
 
 
 @contextlib.contextmanager

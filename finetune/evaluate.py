@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.images import IMAGE_EXTENSIONS, worker_transform
-from finetune.errors import user_errors
+from finetune.errors import ConfigError, user_errors
 from finetune.module import FineTuneModule
 
 
@@ -31,9 +31,9 @@ def image_paths(inputs: list[str]) -> list[Path]:
         elif path.is_file():
             paths.append(path)
         else:
-            raise FileNotFoundError(f"no such image or folder: '{item}'")
+            raise ConfigError(f"no such image or folder: '{item}'")
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(inputs)}")
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(inputs)}")
     return paths
 
 
@@ -54,7 +54,7 @@ def predict(module: FineTuneModule, paths: list[Path], top_k: int = 5, batch_siz
                 with Image.open(path) as img:
                     batch.append(transform(img.convert("RGB")))
             except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"cannot read image '{path}': {e}") from None
+                raise ConfigError(f"cannot read image '{path}': {e}") from None
         x = (torch.stack(batch).float() / 255 - mean) / std
         probs = model(x).softmax(-1)
         values, indices = probs.topk(k, dim=-1)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with user_errors():
         if args.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+            raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
         module = FineTuneModule.from_checkpoint(Path(args.checkpoint).expanduser())
         paths = image_paths(args.images)
         predictions = predict(module, paths, args.top_k)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from datamodules.base import ImageClassificationDataModule, Split
+from finetune.errors import ConfigError
 
 
 class CachedFeatureDataModule(ImageClassificationDataModule):
@@ -28,7 +29,7 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
             mean=source.mean, std=source.std, augment=False, seed=source.seed, pin_memory=False,
         )
         if source.augment:
-            raise ValueError(
+            raise ConfigError(
                 "finetune.cache_features=true needs data.augment=false: cached features would freeze one random view"
             )
         self.source = source

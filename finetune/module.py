@@ -16,6 +16,7 @@ from torchvision.utils import make_grid
 from finetune.models import create_model
 from finetune.models.weights import WeightsError, load_safely, unwrap_state_dict
 from finetune.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
+from finetune.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 SCHEDULERS = ("cosine", "constant")
@@ -215,11 +216,11 @@ class WarmupCosine:
 
 def _check_optim(cfg: dict[str, Any]) -> None:
     if cfg["name"] not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer '{cfg['name']}'; valid: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer '{cfg['name']}'; valid: {', '.join(OPTIMIZERS)}")
     if cfg["scheduler"] not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler '{cfg['scheduler']}'; valid: {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"unknown scheduler '{cfg['scheduler']}'; valid: {', '.join(SCHEDULERS)}")
     for key in ("lr", "backbone_lr_scale", "layer_decay"):
         if not isinstance(cfg[key], (int, float)) or not cfg[key] > 0 or not math.isfinite(cfg[key]):
-            raise ValueError(f"optim.{key} must be a positive number, got {cfg[key]!r}")
+            raise ConfigError(f"optim.{key} must be a positive number, got {cfg[key]!r}")
     if not 0 <= cfg["weight_decay"] < 1:
-        raise ValueError(f"optim.weight_decay must be in [0, 1), got {cfg['weight_decay']!r}")
+        raise ConfigError(f"optim.weight_decay must be in [0, 1), got {cfg['weight_decay']!r}")

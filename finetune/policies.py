@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from finetune.models import EfficientNet
+from finetune.errors import ConfigError
 
 POLICIES = ("full", "frozen", "partial", "gradual")
 BN_MODES = ("frozen", "train")
@@ -45,15 +46,15 @@ class FinetunePolicy:
 
     def validate(self, num_stages: int) -> FinetunePolicy:
         if self.name not in POLICIES:
-            raise ValueError(f"unknown finetune policy '{self.name}'; valid: {', '.join(POLICIES)}")
+            raise ConfigError(f"unknown finetune policy '{self.name}'; valid: {', '.join(POLICIES)}")
         if self.bn not in BN_MODES:
-            raise ValueError(f"finetune.bn must be one of {', '.join(BN_MODES)}, got '{self.bn}'")
+            raise ConfigError(f"finetune.bn must be one of {', '.join(BN_MODES)}, got '{self.bn}'")
         if self.name == "partial" and not (isinstance(self.trainable_stages, int) and 0 <= self.trainable_stages <= num_stages):
-            raise ValueError(f"finetune.trainable_stages must be an integer in 0..{num_stages}, got {self.trainable_stages!r}")
+            raise ConfigError(f"finetune.trainable_stages must be an integer in 0..{num_stages}, got {self.trainable_stages!r}")
         if self.name == "gradual" and not (isinstance(self.unfreeze_at_epoch, int) and self.unfreeze_at_epoch >= 0):
-            raise ValueError(f"finetune.unfreeze_at_epoch must be an integer >= 0, got {self.unfreeze_at_epoch!r}")
+            raise ConfigError(f"finetune.unfreeze_at_epoch must be an integer >= 0, got {self.unfreeze_at_epoch!r}")
         if self.cache_features and (self.name != "frozen" or self.bn != "frozen"):
-            raise ValueError(
+            raise ConfigError(
                 f"finetune.cache_features=true needs finetune=frozen with bn=frozen (got {self.name}, bn={self.bn}): "
                 "only an unchanging backbone gives features worth caching"
             )
@@ -118,7 +119,7 @@ class DDPPolicySetup(L.Callback):
         model = trainer.strategy.model
         if (isinstance(model, DistributedDataParallel) and pl_module.policy.changes_during_training
                 and not model.find_unused_parameters):
-            raise ValueError(
+            raise ConfigError(
                 f"finetune={pl_module.policy.name} under DDP needs unused-parameter detection; "
                 "use trainer=ddp or trainer.strategy=ddp_find_unused_parameters_true"
             )

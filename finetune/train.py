@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable, load_resume_checkpoint
-from finetune.errors import take_debug_flag, user_errors
+from finetune.errors import ConfigError, take_debug_flag, user_errors
 from finetune.features import CachedFeatureDataModule
 from finetune.guards import FiniteLossGuard
 from finetune.models.scaling import compound
@@ -62,14 +62,14 @@ def check_overrides(args: Sequence[str]) -> None:
         valid = group_options(group)
         for name in value.split(","):
             if name not in valid and name not in ("", "null"):
-                raise ValueError(f"unknown {group} '{name}'; valid: {', '.join(valid)}")
+                raise ConfigError(f"unknown {group} '{name}'; valid: {', '.join(valid)}")
 
 
 def check_config(cfg: DictConfig) -> None:
     """Checks that name the config key, made before any data is read or weights are fetched."""
     resolution = cfg.model.get("resolution")
     if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 32):
-        raise ValueError(
+        raise ConfigError(
             f"model.resolution must be an integer >= 32 (EfficientNet downsamples 32x), got {resolution!r}; "
             "e.g. model.resolution=224"
         )
@@ -154,7 +154,7 @@ def _check_not_in_local_sweep(trainer: L.Trainer) -> None:
     if (trainer.world_size > 1 and strategy.launcher is not None
             and not strategy.cluster_environment.creates_processes_externally
             and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-        raise ValueError(
+        raise ConfigError(
             "trainer=ddp cannot start its processes inside a local -m sweep (Lightning re-runs the command line "
             "for each); sweep with hydra/launcher=slurm, or run one command per sweep point (plain or under torchrun)"
         )

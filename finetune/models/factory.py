@@ -9,6 +9,7 @@ from finetune.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD, PADDINGS, 
 from finetune.models.scaling import VARIANTS, compound
 from finetune.models.sources import LITE_MEAN, LITE_STD, resolve_pretrained
 from finetune.models.weights import load_into
+from finetune.errors import ConfigError
 
 MODEL_NAMES = tuple(VARIANTS) + ("phi",)
 
@@ -36,13 +37,13 @@ def create_model(
     """
     name = str(name).lower()
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model '{name}'; valid names: {', '.join(MODEL_NAMES)}")
+        raise ConfigError(f"unknown model '{name}'; valid names: {', '.join(MODEL_NAMES)}")
     if name == "phi":
         if phi is None:
-            raise ValueError("model 'phi' needs a compound coefficient, e.g. create_model('phi', phi=2.5)")
+            raise ConfigError("model 'phi' needs a compound coefficient, e.g. create_model('phi', phi=2.5)")
         scaling = compound(float(phi))
     elif phi is not None:
-        raise ValueError(f"phi={phi} only applies to model 'phi'; '{name}' has fixed scaling")
+        raise ConfigError(f"phi={phi} only applies to model 'phi'; '{name}' has fixed scaling")
     else:
         scaling = VARIANTS[name]
     _check(num_classes, resolution, padding, bn_eps, drop_rate, drop_path_rate)
@@ -72,16 +73,16 @@ def create_model(
 
 def _check(num_classes, resolution, padding, bn_eps, drop_rate, drop_path_rate) -> None:
     if not isinstance(num_classes, Integral) or isinstance(num_classes, bool) or num_classes < 0:
-        raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        raise ConfigError(f"num_classes must be an integer >= 0, got {num_classes!r}")
     if resolution is not None and (not isinstance(resolution, Integral) or isinstance(resolution, bool) or resolution < 32):
-        raise ValueError(f"resolution must be an integer >= 32 (the network downsamples 32x), got {resolution!r}")
+        raise ConfigError(f"resolution must be an integer >= 32 (the network downsamples 32x), got {resolution!r}")
     if padding is not None and padding not in PADDINGS:
-        raise ValueError(f"unknown padding '{padding}'; valid: {', '.join(PADDINGS)}")
+        raise ConfigError(f"unknown padding '{padding}'; valid: {', '.join(PADDINGS)}")
     if bn_eps is not None and (not isinstance(bn_eps, Real) or not 0 < bn_eps < 1):
-        raise ValueError(f"bn_eps must be a number in (0, 1), got {bn_eps!r}")
+        raise ConfigError(f"bn_eps must be a number in (0, 1), got {bn_eps!r}")
     for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
         if value is not None and (not isinstance(value, Real) or not 0 <= value < 1 or math.isnan(value)):
-            raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+            raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
 
 
 def _triple(value, key: str) -> tuple[float, float, float] | None:
@@ -89,5 +90,5 @@ def _triple(value, key: str) -> tuple[float, float, float] | None:
         return None
     values = tuple(float(v) for v in value)
     if len(values) != 3 or (key == "std" and min(values) <= 0):
-        raise ValueError(f"{key} must be three numbers (per RGB channel){', all > 0' if key == 'std' else ''}, got {value!r}")
+        raise ConfigError(f"{key} must be three numbers (per RGB channel){', all > 0' if key == 'std' else ''}, got {value!r}")
     return values

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune.errors import ConfigError
+
 ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15
 BASE_RESOLUTION = 224
 
@@ -52,7 +54,7 @@ def compound(phi: float, alpha: float = ALPHA, beta: float = BETA, gamma: float 
     which interpolates the official points.
     """
     if not math.isfinite(phi) or phi < 0:
-        raise ValueError(f"phi must be a finite number >= 0, got {phi!r}")
+        raise ConfigError(f"phi must be a finite number >= 0, got {phi!r}")
     resolution = int(round(BASE_RESOLUTION * gamma**phi / 8.0)) * 8
     dropout = min(0.5, 0.2 + 0.05 * phi)
     return Scaling(width=beta**phi, depth=alpha**phi, resolution=resolution, dropout=round(dropout, 4))

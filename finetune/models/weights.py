@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.errors import ConfigError
 from finetune.models.efficientnet import EfficientNet, EfficientNetConfig
 
 StateDict = dict[str, torch.Tensor]
@@ -22,7 +23,7 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 PREFIXES = ("model.", "module.", "_orig_mod.")
 
 
-class WeightsError(ValueError):
+class WeightsError(ConfigError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
