@@ -36,7 +36,8 @@ def build_pair(variant: str, device: torch.device, channels_last: bool) -> tuple
     """(ours, timm) with identical weights and the same dropout / stochastic depth."""
     drop_rate, drop_path_rate = VARIANTS[variant].dropout, 0.2
     ref = timm.create_model(f"efficientnet_{variant}", drop_rate=drop_rate, drop_path_rate=drop_path_rate)
-    ours = create_model(variant, pretrained=ref.state_dict(), drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    ours = create_model(variant, pretrained=ref.state_dict(), padding="symmetric", bn_eps=1e-5,
+                        drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return ours.to(device, memory_format=fmt), ref.to(device, memory_format=fmt)
 

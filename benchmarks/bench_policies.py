@@ -64,7 +64,7 @@ def fit_once(policy: dict[str, Any], root: Path, args: argparse.Namespace, devic
                             channels_last=args.channels_last, pin_memory=device.type == "cuda")
     model = {"name": args.model, "pretrained": None, "resolution": args.resolution, "grad_checkpointing": args.grad_checkpointing}
     module = FineTuneModule(model=model, num_classes=dm.num_classes, finetune=policy)
-    dm.set_normalization(module.model.mean, module.model.std)
+    dm.set_preprocessing(module.preprocessing)
     if args.channels_last:
         module.model.to(memory_format=torch.channels_last)
     if args.compile:

@@ -10,7 +10,7 @@ runs it through `on_after_batch_transfer`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -21,10 +21,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune.errors import ConfigError
+from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 Split = Literal["train", "val", "test"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
     "fit": ("train", "val"),
@@ -106,25 +105,43 @@ def random_translate_flip(images: Tensor, pad: int, flip: bool) -> Tensor:
 
 
 class EpochSampler(DistributedSampler):
-    """A shuffle whose order, and whose DataLoader workers' seeds, in epoch e depend on (seed, e) alone.
+    """A shuffle whose order in epoch e depends on (seed, e) alone; keys carry e to seeded datasets.
 
     DistributedSampler already draws epoch e's permutation from seed + e in `set_epoch`
     (which Lightning calls every epoch) and shards it across DDP processes; Lightning
-    keeps a DistributedSampler as given. This one also owns the generator its DataLoader
-    draws each epoch's worker base seed from, reseeded with the epoch: loading never
-    touches torch's global RNG (which checkpoints restore for dropout and augmentation),
-    and a run resumed at epoch e replays the interrupted run's order and worker seeds.
-    Persistent workers draw their seeds once, at the first epoch, instead.
+    keeps a DistributedSampler as given. For a dataset with `seeded_by_epoch = True` it
+    yields `(index, epoch)` keys, so that dataset draws each sample's augmentation from
+    (seed, epoch, index): the same numbers whichever worker, persistent or not, serves
+    the sample, however many workers there are, and in a resumed run. `skip` drops the
+    first samples of the epoch it was created for: a run resumed mid-epoch continues
+    where the interrupted one stopped. It also owns the generator its DataLoader draws
+    worker base seeds from, so loading never touches torch's global RNG (which
+    checkpoints restore for dropout and device-side augmentation).
     """
 
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, epoch: int = 0) -> None:
+    def __init__(
+        self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, epoch: int = 0, skip: int = 0
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.generator = torch.Generator()
+        self.keyed = bool(getattr(dataset, "seeded_by_epoch", False))
+        self._skip_epoch, self._skip = epoch, skip
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.generator.manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        indices = list(super().__iter__())
+        if self.epoch == self._skip_epoch and self._skip:
+            indices = indices[self._skip:]
+        self._skip = 0  # only the resumed epoch is shortened
+        return iter([(i, self.epoch) for i in indices] if self.keyed else indices)
+
+    def __len__(self) -> int:
+        skip = self._skip if self.epoch == self._skip_epoch else 0
+        return super().__len__() - skip
 
 
 class ImageClassificationDataModule(L.LightningDataModule, ABC):
@@ -174,6 +191,8 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.resolution = resolution
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.interpolation = "bicubic"  # the weights' (set_preprocessing); the usual for EfficientNets otherwise
+        self.crop_fraction = DEFAULT_CROP_FRACTION
         self.augment = augment
         self.seed = seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -184,6 +203,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self._class_names: list[str] | None = None
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._train_epoch = 0  # the epoch a new train loader starts at; a checkpoint restores it
+        self._train_skip = 0  # samples of that epoch this process already trained on (mid-epoch checkpoint)
 
     @property
     @abstractmethod
@@ -252,20 +272,28 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         # One replica without a trainer or on one device; the trainer's world size and rank under DDP.
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return EpochSampler(dataset, num_replicas=replicas, rank=rank, seed=self.seed, epoch=self._train_epoch)
+        skip, self._train_skip = self._train_skip, 0
+        return EpochSampler(dataset, num_replicas=replicas, rank=rank, seed=self.seed, epoch=self._train_epoch, skip=skip)
 
     def state_dict(self) -> dict[str, Any]:
-        """The epoch the next training epoch shuffles for, saved in checkpoints.
+        """Where the training data stands, saved in checkpoints: the epoch, and how far into it.
 
         On resume Lightning builds the train loader (and, with workers, fetches its first
         indices) before it restores its loops and calls `set_epoch`; this makes that first
-        loader start at the resumed epoch's order.
+        loader start at the resumed epoch's order, past the samples a mid-epoch checkpoint
+        (an interrupted run's) had already trained on.
         """
         trainer = self.trainer
-        return {"train_epoch": trainer.fit_loop.epoch_progress.current.processed} if trainer is not None else {}
+        if trainer is None:
+            return {}
+        epoch = trainer.fit_loop.epoch_progress.current.processed
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        mid_epoch = epoch < trainer.fit_loop.epoch_progress.current.started and batches > 0
+        return {"train_epoch": epoch, "train_samples_done": batches * self.batch_size if mid_epoch else 0}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_epoch = int(state_dict.get("train_epoch", 0))
+        self._train_skip = int(state_dict.get("train_samples_done", 0))
 
     def gpu_transform(self, images: Tensor, train: bool) -> Tensor:
         """uint8 B×C×H×W batch -> normalised float32 B×C×res×res (channels_last if enabled)."""
@@ -277,7 +305,10 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         h, w = x.shape[-2:]
         res = self.resolution
         if (h, w) != (res, res):
-            x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=h > res or w > res)
+            # antialias also when upsampling: it selects PIL's bicubic kernel (a=-0.5), which weights are evaluated with
+            x = F.interpolate(x, size=(res, res), mode=self.interpolation, align_corners=False, antialias=True)
+            if self.interpolation == "bicubic":  # its overshoot past black and white is no image (PIL clamps too)
+                x = x.clamp_(0, 1)
         mean, std = self._device_stats(x.device)
         x = x.sub_(mean).div_(std)
         if self.channels_last:
@@ -289,12 +320,16 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         training = self.trainer is not None and self.trainer.training
         return self.gpu_transform(images, train=training), labels
 
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Adopt the model's input statistics: the weights, not the data, decide them."""
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ConfigError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What this datamodule does to an eval image: what a checkpoint must record."""
+        return Preprocessing(self.resolution, self.mean, self.std, self.interpolation, self.crop_fraction)
+
+    def set_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Adopt the weights' preprocessing (normalisation, resize interpolation, eval crop)."""
+        self.resolution = preprocessing.resolution
+        self.mean, self.std = preprocessing.mean, preprocessing.std
+        self.interpolation, self.crop_fraction = preprocessing.interpolation, preprocessing.crop_fraction
         self._stats.clear()
 
     def _device_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -68,4 +68,4 @@ class Flowers102DataModule(ImageClassificationDataModule):
         labels: list[int] = reader._labels
         files, labels = drop_unreadable(files, labels, self.skip_corrupt)
         train = split == "train" and self.augment
-        return ImageFileDataset(files, labels, worker_transform(self.resolution, train=train))
+        return ImageFileDataset(files, labels, worker_transform(self.preprocessing, train=train), seed=self.seed)

@@ -107,4 +107,4 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             files, labels = self._samples(self._base / split)
         files, labels = drop_unreadable(files, labels, self.skip_corrupt)
         train = split == "train" and self.augment
-        return ImageFileDataset(files, labels, worker_transform(self.resolution, train=train))
+        return ImageFileDataset(files, labels, worker_transform(self.preprocessing, train=train), seed=self.seed)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -19,42 +21,59 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from datamodules.errors import CorruptImageError
+from finetune.models.preprocessing import Preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-#: Eval images are resized so the centre crop keeps 87.5% of the side, the usual ImageNet protocol.
-EVAL_CROP_FRACTION = 0.875
 #: Above this many files the scan shows a progress bar; below it finishes too fast to need one.
 _PROGRESS_THRESHOLD = 1000
 
 
-def worker_transform(resolution: int, train: bool) -> Callable[[Image.Image], Tensor]:
-    """PIL -> uint8 C×res×res; random crop+flip for training, resize+centre crop otherwise."""
-    if train:
-        steps = [T.RandomResizedCrop(resolution), T.RandomHorizontalFlip()]
-    else:
-        steps = [T.Resize(int(resolution / EVAL_CROP_FRACTION)), T.CenterCrop(resolution)]
-    return T.Compose([*steps, T.PILToTensor()])
+def worker_transform(preprocessing: Preprocessing, train: bool) -> Callable[[Image.Image], Tensor]:
+    """PIL -> uint8 C×res×res: random crop+flip for training, the weights' eval resize+centre crop otherwise."""
+    if not train:
+        return preprocessing.eval_transform()
+    mode = T.InterpolationMode(preprocessing.interpolation)
+    return T.Compose([T.RandomResizedCrop(preprocessing.resolution, interpolation=mode),
+                      T.RandomHorizontalFlip(), T.PILToTensor()])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch: independent of which worker draws it."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class ImageFileDataset(Dataset):
-    """(path, label) pairs decoded with PIL to RGB and passed through a worker transform."""
+    """(path, label) pairs decoded with PIL to RGB and passed through a worker transform.
+
+    Random transforms draw from a generator seeded by (seed, epoch, index), with the epoch
+    taken from the `(index, epoch)` keys `EpochSampler` yields (`seeded_by_epoch`): worker
+    processes, their number and their persistence then change nothing, and a resumed run
+    sees exactly the crops the uninterrupted one would have.
+    """
+
+    seeded_by_epoch = True
 
     def __init__(
-        self, files: Sequence[Path], labels: Sequence[int], transform: Callable[[Image.Image], Tensor]
+        self, files: Sequence[Path], labels: Sequence[int], transform: Callable[[Image.Image], Tensor], seed: int = 0
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         self.files = list(files)
         self.labels = [int(label) for label in labels]
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         with Image.open(self.files[index]) as image:
             rgb = image.convert("RGB")
-        return self.transform(rgb), self.labels[index]
+        # Fork: with num_workers=0 this runs in the main process, whose RNG drives dropout.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(rgb), self.labels[index]
 
 
 def _decode_error(path: Path) -> str | None:

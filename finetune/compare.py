@@ -197,8 +197,8 @@ def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) ->
     if not modules or cfg.compare.cam_images <= 0:
         return
     datamodule = build_datamodule(cfg)
-    first = next(iter(modules.values())).model
-    datamodule.set_normalization(first.mean, first.std)
+    preprocessing = next(iter(modules.values())).preprocessing  # recorded by training, data overrides included
+    datamodule.set_preprocessing(preprocessing)
     val = datamodule.dataset("val")
     picks = [val[i] for i in range(min(int(cfg.compare.cam_images), len(val)))]
     images = torch.stack([img for img, _ in picks])
@@ -206,7 +206,7 @@ def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) ->
     x = datamodule.gpu_transform(images, train=False)
     cams = {p: grad_cam(m.model, x, labels) for p, m in modules.items()}
     names = [datamodule.class_names[int(i)] for i in labels]
-    shown = torch.nn.functional.interpolate(images.float() / 255, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    shown = preprocessing.denormalize(x)  # exactly what the networks saw
     fig = cam_figure(shown, cams, names)
     fig.savefig(out / "comparison_cam.png", dpi=110)
     with SummaryWriter(str(out / "tensorboard" / "cam")) as writer:

@@ -2,8 +2,9 @@
 
     finetune-evaluate outputs/train/<time>/checkpoints/last.ckpt photo.jpg more/images/ --top-k 3
 
-Images get the same evaluation preprocessing as training's validation split (resize,
-centre crop to the checkpoint's resolution, its mean/std), so predictions match val.
+Images get the same evaluation preprocessing as training's validation split, read from the
+checkpoint (resize with the weights' interpolation, centre crop, mean/std including data
+overrides), so predictions match val.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.images import IMAGE_EXTENSIONS, worker_transform
+from datamodules.images import IMAGE_EXTENSIONS
 from finetune.errors import ConfigError, user_errors
 from finetune.module import FineTuneModule
 
@@ -41,10 +42,9 @@ def image_paths(inputs: list[str]) -> list[Path]:
 def predict(module: FineTuneModule, paths: list[Path], top_k: int = 5, batch_size: int = 32) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) per image."""
     model = module.model.eval()
-    transform = worker_transform(model.resolution, train=False)
+    preprocessing = module.preprocessing  # what training fed the network, as its checkpoint recorded
+    transform = preprocessing.eval_transform()
     names = module.hparams.get("class_names") or [str(i) for i in range(model.num_classes)]
-    mean = torch.tensor(model.mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.std).view(1, 3, 1, 1)
     k = min(top_k, model.num_classes)
     results = []
     for start in range(0, len(paths), batch_size):
@@ -55,7 +55,7 @@ def predict(module: FineTuneModule, paths: list[Path], top_k: int = 5, batch_siz
                     batch.append(transform(img.convert("RGB")))
             except (UnidentifiedImageError, OSError) as e:
                 raise ConfigError(f"cannot read image '{path}': {e}") from None
-        x = (torch.stack(batch).float() / 255 - mean) / std
+        x = preprocessing.normalize(torch.stack(batch))
         probs = model(x).softmax(-1)
         values, indices = probs.topk(k, dim=-1)
         results += [[(names[i], float(v)) for v, i in zip(vs, ids)] for vs, ids in zip(values.tolist(), indices.tolist())]

@@ -9,11 +9,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.utils import make_grid
 
 from finetune.models import create_model
+from finetune.models.preprocessing import Preprocessing
 from finetune.models.weights import WeightsError, load_safely, unwrap_state_dict
 from finetune.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
 from finetune.errors import ConfigError
@@ -37,6 +39,7 @@ class FineTuneModule(L.LightningModule):
         optim: dict[str, Any] | None = None,
         label_smoothing: float = 0.1,
         class_names: list[str] | None = None,
+        preprocessing: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -47,8 +50,16 @@ class FineTuneModule(L.LightningModule):
         cfg = self.model.config
         self.hparams.model.update(padding=cfg.padding, bn_eps=cfg.bn_eps, resolution=cfg.resolution,
                                   mean=list(cfg.mean), std=list(cfg.std))
+        # What training feeds the network; build_module records data overrides of the weights' values.
+        self.preprocessing = Preprocessing.from_dict(preprocessing) if preprocessing else self.model.preprocessing
         self.policy = FinetunePolicy(**(finetune or {})).validate(len(self.model.stages))
-        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
+        self.optim_cfg = {**DEFAULT_OPTIM, **{k: v for k, v in (optim or {}).items() if v is not None}}
+        if self.optim_cfg["backbone_lr_scale"] is None:
+            # A slower backbone protects pretrained features; from scratch there are none to protect.
+            self.optim_cfg["backbone_lr_scale"] = 0.1 if cfg.weights else 1.0
+            self.hparams.optim = {**(optim or {}), "backbone_lr_scale": self.optim_cfg["backbone_lr_scale"]}
+            if not cfg.weights:
+                rank_zero_info("no pretrained weights: optim.backbone_lr_scale defaults to 1.0 (the whole network learns at optim.lr)")
         _check_optim(self.optim_cfg)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         top5 = min(5, num_classes)
@@ -71,6 +82,16 @@ class FineTuneModule(L.LightningModule):
         module = cls(**hp)
         module.model.load_state_dict(unwrap_state_dict(ckpt, str(path)))
         return module.eval()
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value: Preprocessing) -> None:
+        # Kept in the hyperparameters, so every checkpoint carries what its training fed the network.
+        self._preprocessing = value
+        self.hparams.preprocessing = value.to_dict()
 
     # --- policy ---------------------------------------------------------------------------
 
@@ -149,9 +170,7 @@ class FineTuneModule(L.LightningModule):
         """A grid of what the network actually sees: after resize, de-normalised."""
         if not isinstance(self.logger, TensorBoardLogger):
             return
-        mean = torch.tensor(self.model.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.model.std, device=x.device).view(1, 3, 1, 1)
-        images = (x[:16].float() * std + mean).clamp(0, 1)
+        images = self.preprocessing.denormalize(x[:16])
         self.logger.experiment.add_image(tag, make_grid(images.cpu(), nrow=4), self.global_step)
 
     # --- optimisation ---------------------------------------------------------------------
@@ -197,7 +216,7 @@ class FineTuneModule(L.LightningModule):
 
 DEFAULT_OPTIM: dict[str, Any] = {
     "name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "momentum": 0.9,
-    "backbone_lr_scale": 0.1, "layer_decay": 1.0, "scheduler": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.01,
+    "backbone_lr_scale": None, "layer_decay": 1.0, "scheduler": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.01,
 }
 
 

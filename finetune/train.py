@@ -11,6 +11,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,13 @@ def check_overrides(args: Sequence[str]) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Checks that name the config key, made before any data is read or weights are fetched."""
+    mean, std = cfg.data.get("mean"), cfg.data.get("std")
+    if (mean is None) != (std is None):
+        given, other = ("data.mean", "data.std") if mean is not None else ("data.std", "data.mean")
+        raise ConfigError(
+            f"{given} is set but {other} is not; normalisation needs both (e.g. data.mean=[0.5,0.5,0.5] "
+            "data.std=[0.5,0.5,0.5]) or neither (the weights' own)"
+        )
     resolution = cfg.model.get("resolution")
     if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 32):
         raise ConfigError(
@@ -92,32 +100,44 @@ def build_module(
     are taken from the checkpoint instead.
     """
     container = OmegaConf.to_container(cfg, resolve=True)
-    model = container["model"]
+    model, optim, preprocessing = container["model"], container["optim"], None
     if resume is not None:
-        recorded = resume["hyper_parameters"]["model"]
+        hp = resume["hyper_parameters"]
+        recorded = hp["model"]
         model = {**model, "pretrained": None, **{k: recorded[k] for k in RECORDED_MODEL_KEYS if k in recorded}}
+        preprocessing = hp.get("preprocessing")
+        if optim.get("backbone_lr_scale") is None:  # resolved from the weights the first run loaded
+            optim = {**optim, "backbone_lr_scale": hp.get("optim", {}).get("backbone_lr_scale")}
     module = FineTuneModule(
         model=model,
         num_classes=datamodule.num_classes,
         finetune=container["finetune"],
-        optim=container["optim"],
+        optim=optim,
         label_smoothing=container["label_smoothing"],
         class_names=list(datamodule.class_names),
+        preprocessing=preprocessing,
     )
-    if cfg.data.get("mean") is None or cfg.data.get("std") is None:
-        datamodule.set_normalization(module.model.mean, module.model.std)
+    mean, std = cfg.data.get("mean"), cfg.data.get("std")
+    if resume is None and mean is not None:  # data overrides of the weights' normalisation (both, or neither)
+        module.preprocessing = replace(module.preprocessing, mean=tuple(mean), std=tuple(std))
+    datamodule.set_preprocessing(module.preprocessing)
     if getattr(datamodule, "channels_last", False):
         module.model.to(memory_format=torch.channels_last)
     return module
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Lightning Trainer arguments with the GPU defaults we measured (bf16, cudnn benchmark)."""
+    """Lightning Trainer arguments with GPU defaults (bf16 where the hardware has it, cudnn benchmark).
+
+    The GPU defaults follow common practice; they are not yet measured here (no GPU lent so far).
+    """
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("compile", None)
     gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
     if kwargs.get("precision") is None:
-        kwargs["precision"] = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if gpu else "32-true"
+        # Emulated bf16 (V100, T4) is slower than fp16 autocast: count only native support.
+        native_bf16 = gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+        kwargs["precision"] = ("bf16-mixed" if native_bf16 else "16-mixed") if gpu else "32-true"
     if kwargs.get("benchmark") is None:
         kwargs["benchmark"] = gpu
     strategy = kwargs.get("strategy")

@@ -428,9 +428,28 @@ def test_flowers_augment_flag(flowers_root: Path) -> None:
 
     torch.manual_seed(0)
     a, b = two_batches(augment=True)
-    assert not torch.equal(a, b)
-    a, b = two_batches(augment=False)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # crops are drawn from (seed, epoch, index), not from the process's RNG
+    plain, again = two_batches(augment=False)
+    assert torch.equal(plain, again) and not torch.equal(a, plain)
+
+
+def test_worker_augmentation_depends_on_seed_epoch_and_index_only(flowers_root: Path) -> None:
+    """Same crops with 0, 1 or 2 workers, persistent or not, and new crops each epoch."""
+
+    def epochs(**loader: object) -> list[torch.Tensor]:
+        dm = Flowers102DataModule(root=str(flowers_root), batch_size=2, resolution=32, seed=3, **loader)
+        loader_ = dm.train_dataloader()
+        out = []
+        for epoch in range(2):
+            loader_.sampler.set_epoch(epoch)
+            out.append(torch.cat([images for images, _ in loader_]))
+        return out
+
+    reference = epochs(num_workers=0)
+    assert not torch.equal(reference[0], reference[1])
+    for loader in (dict(num_workers=1, persistent_workers=True), dict(num_workers=2, persistent_workers=True),
+                   dict(num_workers=2, persistent_workers=False)):
+        assert all(torch.equal(a, b) for a, b in zip(epochs(**loader), reference)), loader
 
 
 # --------------------------------------------------------------------------- image folder

@@ -18,6 +18,8 @@ X = torch.randn(2, 3, 72, 88, generator=torch.Generator().manual_seed(0))
 
 
 def _parity(timm_name: str, ours_name: str, **overrides) -> tuple[float, int, int]:
+    if not timm_name.startswith("tf_"):  # a bare state dict says nothing of its family: say it
+        overrides = {"padding": "symmetric", "bn_eps": 1e-5, **overrides}
     ref = randomize_norm_stats(timm.create_model(timm_name))
     ours = create_model(ours_name, pretrained=ref.state_dict(), **overrides).eval()
     with torch.no_grad():

@@ -54,7 +54,7 @@ def test_real_lite0_weights_keep_backbone_with_new_head():
 def test_file_formats_load(tmp_path, fmt):
     ref = randomize_norm_stats(timm.create_model("efficientnet_b0", num_classes=10))
     sd = ref.state_dict()
-    path = tmp_path / f"w{fmt}"
+    path = tmp_path / f"efficientnet_b0{fmt}"  # timm's name for its PyTorch-trained weights tells the family
     if fmt == ".safetensors":
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     elif fmt == ".ckpt":  # Lightning layout: state_dict nested, prefixed by the module attribute
@@ -104,9 +104,9 @@ def test_refuses_truncated_files(tmp_path):
 
 
 def test_refuses_wrong_variant_and_names_it(tmp_path):
-    torch.save(timm.create_model("efficientnet_b2").state_dict(), tmp_path / "b2.pth")
+    torch.save(timm.create_model("efficientnet_b2").state_dict(), tmp_path / "efficientnet_b2.pth")
     with pytest.raises(WeightsError) as err:
-        create_model("b0", pretrained=str(tmp_path / "b2.pth"))
+        create_model("b0", pretrained=str(tmp_path / "efficientnet_b2.pth"))
     msg = str(err.value)
     assert "does not fit efficientnet 'b0'" in msg and "looks like a checkpoint of 'b2'" in msg
     assert "unexpected" in msg and "mis-shaped" in msg and "\n" not in msg

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from finetune.models.scaling import Scaling, round_filters, round_repeats
 
 Padding = Literal["symmetric", "same"]
 PADDINGS = ("symmetric", "same")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -67,6 +66,8 @@ class EfficientNetConfig:
     resolution: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    crop_fraction: float = DEFAULT_CROP_FRACTION
     weights: str | None = None
     stages: tuple[StageSpec, ...] = field(default=BASE_STAGES, repr=False)
 
@@ -223,6 +224,12 @@ class EfficientNet(nn.Module):
     @property
     def std(self) -> tuple[float, float, float]:
         return self.config.std
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What its weights expect of an image (resolution, mean/std, eval resize and crop)."""
+        c = self.config
+        return Preprocessing(c.resolution, c.mean, c.std, c.interpolation, c.crop_fraction)
 
     @property
     def drop_rate(self) -> float:

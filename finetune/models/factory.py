@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-from finetune.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD, PADDINGS, EfficientNet, EfficientNetConfig
+from finetune.models.efficientnet import PADDINGS, EfficientNet, EfficientNetConfig
+from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD
 from finetune.models.scaling import VARIANTS, compound
-from finetune.models.sources import LITE_MEAN, LITE_STD, resolve_pretrained
+from finetune.models.sources import resolve_pretrained, unknown_family
 from finetune.models.weights import load_into
 from finetune.errors import ConfigError
 
@@ -31,8 +32,9 @@ def create_model(
     """Build b0..b7, lite0..lite4 or any compound coefficient (`name="phi", phi=2.5`).
 
     `pretrained`: None, True (the variant's default source), 'timm', 'timm:<tag>',
-    'torchvision', a checkpoint path or a state dict. Padding, BN eps and input
-    normalisation (mean/std) follow the weights unless given here. A classifier of another size
+    'torchvision', a checkpoint path or a state dict. Padding, BN eps, input
+    normalisation (mean/std), eval interpolation and crop follow the weights unless given
+    here; a file or dict whose family nothing tells needs `padding` and `bn_eps`. A classifier of another size
     than `num_classes` is replaced by a fresh one.
     """
     name = str(name).lower()
@@ -63,11 +65,15 @@ def create_model(
         resolution=resolution or scaling.resolution,
         mean=_triple(mean, "mean") or (weights and weights.mean) or default_mean,
         std=_triple(std, "std") or (weights and weights.std) or default_std,
+        interpolation=(weights and weights.interpolation) or "bicubic",
+        crop_fraction=(weights and weights.crop_fraction) or DEFAULT_CROP_FRACTION,
         weights=weights.origin if weights else None,
     )
     model = EfficientNet(config)
     if weights is not None:
-        load_into(model, weights.state_dict, origin=weights.origin)
+        load_into(model, weights.state_dict, origin=weights.origin)  # a wrong variant is the first thing to hear
+        if weights.padding is None and (padding is None or bn_eps is None):
+            raise unknown_family(weights.origin)
     return model
 
 
