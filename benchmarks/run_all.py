@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import bench_folder
 import bench_memory
 import bench_model
 import bench_pipeline
@@ -37,6 +38,8 @@ SUITE: dict[str, tuple[Callable[[list[str]], dict[str, Any]], list[str]]] = {
     "resize": (bench_resize.main, ["--resolution", "224", "--batch-size", "64", "--workers", "0", "1", "2",
                                    "--repeats", "3"]),
     "memory": (bench_memory.main, []),
+    # Image folders at scale: index 20k/200k files, worker memory over a 100k-file epoch, decode paths (~5 min).
+    "folder": (bench_folder.main, ["--drop-caches", "--repeats", "5"]),
 }
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets import Flowers102
 
-from datamodules.base import ImageClassificationDataModule, Split
+from datamodules.base import Split
 from datamodules.errors import dataset_not_found
-from datamodules.images import ImageFileDataset, drop_unreadable, worker_transform
+from datamodules.files import ImageFileDataModule
+from datamodules.images import drop_unreadable
+from datamodules.index import PathArray
 
 _SOURCE = "102flowers.tgz unpacked, imagelabels.mat and setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 _REQUIRED = ("jpg/", "imagelabels.mat", "setid.mat")
@@ -20,7 +22,8 @@ class _PresenceCheckedFlowers102(Flowers102):
     """torchvision's reader, checking the label files' presence rather than their md5.
 
     Re-packed copies of the .mat files (same keys, other bytes) then load; downloads still
-    verify every md5, and the images themselves are checked by decoding them at setup.
+    verify every md5, and the images themselves are checked as they are read (all of them
+    at setup with data.verify_images=true).
     """
 
     def _check_integrity(self) -> bool:
@@ -30,11 +33,12 @@ class _PresenceCheckedFlowers102(Flowers102):
         )
 
 
-class Flowers102DataModule(ImageClassificationDataModule):
+class Flowers102DataModule(ImageFileDataModule):
     """Flowers-102 from `<root>/flowers-102/{jpg/image_%05d.jpg, imagelabels.mat, setid.mat}`.
 
     Images are decoded, randomly cropped and flipped on CPU workers (they are large and of
-    varied size); `augment=False` uses the deterministic eval transform for training too.
+    varied size), or on the device with `decode="device"`; `augment=False` uses the
+    deterministic eval transform for training too.
     """
 
     @property
@@ -62,10 +66,10 @@ class Flowers102DataModule(ImageClassificationDataModule):
 
     def _build_split(self, split: Split) -> Dataset:
         reader = self._read(split, download=self.download)
-        # torchvision exposes no public accessor for these; we take its parsed file list
-        # and labels so the files can be scanned and filtered before any worker sees them.
-        files: list[Path] = reader._image_files
-        labels: list[int] = reader._labels
-        files, labels = drop_unreadable(files, labels, self.skip_corrupt)
-        train = split == "train" and self.augment
-        return ImageFileDataset(files, labels, worker_transform(self.preprocessing, train=train), seed=self.seed)
+        # torchvision exposes no public accessor for these; we take its parsed file list and
+        # labels, so workers read the files themselves (and a full check can filter them first).
+        files = PathArray.from_names(reader._images_folder, [path.name for path in reader._image_files])
+        labels = np.asarray(reader._labels, dtype=np.int64)
+        if self.verify_images:
+            files, labels = drop_unreadable(files, labels, self.skip_corrupt)
+        return self._file_dataset(files, labels, split)

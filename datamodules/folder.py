@@ -4,6 +4,9 @@ Two layouts, told apart by whether `<root>/train/` exists:
   split:  <root>/train/<class>/*, <root>/val/<class>/*, optional <root>/test/<class>/*
           (without val/, val is carved out of train/ as in the single layout)
   single: <root>/<class>/*, split into train/val by `val_fraction`, stratified per class.
+
+Each folder is listed once per job (`prepare_data`, on one process per node) into a
+cached `FolderIndex`; no image is decoded before a worker reads it.
 """
 
 from __future__ import annotations
@@ -11,41 +14,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
-from datamodules.base import ImageClassificationDataModule, Split, stratified_split
+from datamodules.base import Split, stratified_split
 from datamodules.errors import dataset_not_found
-from datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset, drop_unreadable, worker_transform
+from datamodules.files import ImageFileDataModule
+from datamodules.images import IMAGE_EXTENSIONS, drop_unreadable, find_unreadable
+from datamodules.index import FolderIndex, PathArray, cache_file, class_folders, current_index
 from finetune.errors import ConfigError
 
 
-def _class_folders(folder: Path) -> list[Path]:
-    # Hidden folders (.git, .ipynb_checkpoints, ...) are never classes.
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """Images under `folder` (recursively), sorted so the split never depends on listing order."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
-
-
-class ImageFolderDataModule(ImageClassificationDataModule):
+class ImageFolderDataModule(ImageFileDataModule):
     """Class-per-folder images; class names are the (sorted) folder names under train.
 
     Workers decode and crop like Flowers-102. `val_fraction` (default 0.2) only applies
-    when there is no val/ folder; the split is seeded by `seed`.
+    when there is no val/ folder; the split is seeded by `seed`. `cache_dir` holds the
+    index (default: `<root>/.finetune-index/` if writable, else `~/.cache/effnet-finetune/`).
     """
 
-    def __init__(self, *, val_fraction: float = 0.2, **kwargs: Any) -> None:
+    def __init__(self, *, val_fraction: float = 0.2, cache_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 < val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.val_fraction = val_fraction
+        self.cache_dir = cache_dir
         self._base = Path(self.root)
+        self._indexes: dict[Path, FolderIndex] = {}
+        self._carved: list[np.ndarray] | None = None  # train/val positions when val is carved out of train
 
     @property
     def _split_layout(self) -> bool:
@@ -61,7 +57,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
 
     def _read_class_names(self) -> list[str]:
         folder = self._train_folder
-        classes = _class_folders(folder) if folder.is_dir() else []
+        classes = class_folders(folder) if folder.is_dir() else []
         if not classes:
             root = self.root
             raise dataset_not_found(
@@ -72,39 +68,77 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                 "image types: " + ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS),
                 downloadable=False,
             )
+        if len(classes) == 1:
+            raise ConfigError(
+                f"image folder '{folder}' holds one class folder ('{classes[0].name}'); a classifier needs two or "
+                f"more: add a folder of images per class"
+            )
         return [p.name for p in classes]
 
-    def _samples(self, folder: Path) -> tuple[list[Path], list[int]]:
-        """All (file, label) pairs under `folder`, labelled by the train folder's class list."""
-        index = {name: label for label, name in enumerate(self.class_names)}
-        files: list[Path] = []
-        labels: list[int] = []
-        for class_folder in _class_folders(folder):
-            if class_folder.name not in index:
+    def prepare_data(self) -> None:
+        """List every folder of the tree once per node and cache its index (Lightning: local rank 0, before setup).
+
+        Every split's class folders are checked against train's here, so a stray test class
+        fails the run before it trains.
+        """
+        folders = [self._train_folder] + [self._base / s for s in ("val", "test") if self._split_layout]
+        for folder in (f for f in folders if f.is_dir()):
+            if folder.absolute() not in self._indexes:
+                self._indexes[folder.absolute()] = self._current_index(folder.absolute())
+            self._samples(folder)
+
+    def _index(self, folder: Path) -> FolderIndex:
+        folder = folder.absolute()
+        if folder not in self._indexes:
+            # Under a trainer, local rank 0 indexed the tree in prepare_data before any rank's setup.
+            listed_by_rank_zero = getattr(self.trainer, "local_rank", 0) > 0
+            cached = FolderIndex.load(self._cache_file(folder), folder) if listed_by_rank_zero else None
+            self._indexes[folder] = cached or self._current_index(folder)
+        return self._indexes[folder]
+
+    def _cache_file(self, folder: Path) -> Path:
+        return cache_file(folder, self._base, self.cache_dir)
+
+    def _current_index(self, folder: Path) -> FolderIndex:
+        check = find_unreadable if self.verify_images else None
+        return current_index(folder, self._cache_file(folder), IMAGE_EXTENSIONS, check)
+
+    def _samples(self, folder: Path) -> tuple[PathArray, np.ndarray, dict[int, str]]:
+        """All files under `folder`, labelled by the train folder's class list, and a full check's findings."""
+        index = self._index(folder)
+        label_of = {name: label for label, name in enumerate(self.class_names)}
+        for name, count in zip(index.classes, np.bincount(index.class_ids, minlength=len(index.classes))):
+            class_folder = index.folder / name
+            if name not in label_of:
                 raise ConfigError(
                     f"class folder '{class_folder}' has no counterpart in '{self._train_folder}'; "
                     f"train/val/test must share one class list"
                 )
-            found = _image_files(class_folder)
-            if not found:
+            if count == 0:
                 raise ConfigError(
                     f"class folder '{class_folder}' holds no images "
                     f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder"
                 )
-            files += found
-            labels += [index[class_folder.name]] * len(found)
-        return files, labels
+        labels = np.array([label_of[name] for name in index.classes], dtype=np.int64)[index.class_ids]
+        return index.paths, labels, index.unreadable or {}
 
     def _build_split(self, split: Split) -> Dataset:
         carve_val = not (self._split_layout and (self._base / "val").is_dir())
         if split == "train" or (split == "val" and carve_val):
-            files, labels = self._samples(self._train_folder)
+            files, labels, unreadable = self._samples(self._train_folder)
             if carve_val:
-                parts = stratified_split(labels, (1 - self.val_fraction, self.val_fraction), self.seed)
-                keep = parts[0 if split == "train" else 1]
-                files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+                if self._carved is None:  # once for both splits: it is the slowest step of setup on large trees
+                    self._carved = stratified_split(labels, (1 - self.val_fraction, self.val_fraction), self.seed)
+                keep = self._carved[0 if split == "train" else 1]
+                files, labels, unreadable = files.take(keep), labels[keep], _renumbered(unreadable, keep)
         else:
-            files, labels = self._samples(self._base / split)
-        files, labels = drop_unreadable(files, labels, self.skip_corrupt)
-        train = split == "train" and self.augment
-        return ImageFileDataset(files, labels, worker_transform(self.preprocessing, train=train), seed=self.seed)
+            files, labels, unreadable = self._samples(self._base / split)
+        if self.verify_images:
+            files, labels = drop_unreadable(files, labels, self.skip_corrupt, unreadable)
+        return self._file_dataset(files, labels, split)
+
+
+def _renumbered(unreadable: dict[int, str], keep: np.ndarray) -> dict[int, str]:
+    """Findings keyed by position in the sorted selection `keep` instead of in the whole folder."""
+    at = {position: int(np.searchsorted(keep, position)) for position in unreadable}
+    return {at[p]: error for p, error in unreadable.items() if at[p] < len(keep) and keep[at[p]] == p}

@@ -1,16 +1,19 @@
-"""Image-file datasets: worker transforms and the setup-time scan for undecodable files.
+"""Image-file datasets: decoding and cropping in workers, unreadable files handled where they are read.
 
 Shared by the Flowers-102 and image-folder datamodules, whose images are files of
-arbitrary size that must be decoded and cropped on CPU workers before batching.
+arbitrary size. Setup decodes nothing: a bad file is found when a worker reads it, and
+then either named in the error or (`data.skip_corrupt`) replaced by another sample drawn
+from (seed, epoch, index). `find_unreadable` is the full check `data.verify_images` asks for.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -18,23 +21,113 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
 from datamodules.errors import CorruptImageError
+from datamodules.index import PathArray
 from finetune.models.preprocessing import Preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-#: Above this many files the scan shows a progress bar; below it finishes too fast to need one.
+#: `data.decode`: workers decode (JPEG training crops in draft mode), or only read the files for the device to decode.
+DECODE_MODES = ("worker", "device")
+#: RandomResizedCrop's defaults: area fraction and aspect-ratio range of training crops.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+#: Above this many files the full check shows a progress bar; below it finishes too fast to need one.
 _PROGRESS_THRESHOLD = 1000
+#: Random draws for a stand-in before giving up: only a mostly unreadable dataset exhausts them.
+_STAND_IN_DRAWS = 100
+#: What PIL raises for a file it cannot open or decode.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def worker_transform(preprocessing: Preprocessing, train: bool) -> Callable[[Image.Image], Tensor]:
-    """PIL -> uint8 C×res×res: random crop+flip for training, the weights' eval resize+centre crop otherwise."""
+class UnreadableImage(Exception):
+    """One file could not be read or decoded; the message is the decoder's reason."""
+
+
+class WorkerCorruptImageError(CorruptImageError):
+    """A CorruptImageError raised in a DataLoader worker that stays one line in the main process.
+
+    The DataLoader re-raises a worker's exception as `type(message + worker traceback)`;
+    this keeps only the original message, the one line `user_errors` prints.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip())
+
+
+def open_image(source: str | Path | BinaryIO) -> Image.Image:
+    """PIL's lazy open (header only); an unreadable file raises UnreadableImage."""
+    try:
+        return Image.open(source)
+    except _PIL_ERRORS as error:
+        raise UnreadableImage(str(error) or type(error).__name__) from error
+
+
+def decode_rgb(image: Image.Image) -> Image.Image:
+    """Decode an opened image to RGB; a truncated or broken file raises UnreadableImage."""
+    try:
+        return image.convert("RGB")
+    except _PIL_ERRORS as error:
+        raise UnreadableImage(str(error) or type(error).__name__) from error
+
+
+def train_crop_params(image: Image.Image | Tensor) -> tuple[int, int, int, int, bool]:
+    """(top, left, height, width, flip) of a training crop, drawn from torch's CPU RNG.
+
+    The draws of RandomResizedCrop followed by RandomHorizontalFlip, in that order, so
+    the worker and device paths (and the pipeline before draft decoding) crop alike.
+    """
+    top, left, height, width = T.RandomResizedCrop.get_params(image, list(CROP_SCALE), list(CROP_RATIO))
+    return top, left, height, width, bool(torch.rand(1) < 0.5)
+
+
+class RandomCrop:
+    """Opened, not yet decoded image -> uint8 C×res×res random resized crop, maybe mirrored.
+
+    With `draft`, a JPEG whose crop is at least 2× the resolution is decoded at 1/2, 1/4
+    or 1/8 scale (libjpeg's DCT-domain scaling, the largest that keeps the crop at or
+    above the resolution): a 3000×2000 photo costs a fraction of a full decode.
+    """
+
+    #: ImageFileDataset hands it the opened file: the draft scale must be chosen before decoding.
+    decodes = True
+
+    def __init__(self, resolution: int, interpolation: str, draft: bool) -> None:
+        self.resolution = resolution
+        self.mode = T.InterpolationMode(interpolation)
+        self.draft = draft
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        top, left, height, width, flip = train_crop_params(image)
+        full_width, full_height = image.size
+        if self.draft:
+            factor = next((f for f in (8, 4, 2) if min(height, width) >= f * self.resolution), 1)
+            if factor > 1:
+                image.draft("RGB", (full_width // factor, full_height // factor))
+        rgb = decode_rgb(image)
+        if rgb.size != (full_width, full_height):  # drafted: the crop box in the smaller image's pixels
+            sx, sy = full_width / rgb.width, full_height / rgb.height
+            top, left = min(round(top / sy), rgb.height - 1), min(round(left / sx), rgb.width - 1)
+            height = max(1, min(round(height / sy), rgb.height - top))
+            width = max(1, min(round(width / sx), rgb.width - left))
+        size = [self.resolution, self.resolution]
+        crop = F.resized_crop(rgb, top, left, height, width, size, self.mode, antialias=True)
+        return F.pil_to_tensor(F.hflip(crop) if flip else crop)
+
+
+def worker_transform(
+    preprocessing: Preprocessing, train: bool, *, draft: bool = True
+) -> Callable[[Image.Image], Tensor]:
+    """PIL -> uint8 C×res×res: random crop+flip for training, the weights' eval resize+centre crop otherwise.
+
+    Eval images are never drafted: they must equal what `finetune-evaluate` computes from
+    the fully decoded file. `draft=False` is the full-decode crop (for comparisons).
+    """
     if not train:
         return preprocessing.eval_transform()
-    mode = T.InterpolationMode(preprocessing.interpolation)
-    return T.Compose([T.RandomResizedCrop(preprocessing.resolution, interpolation=mode),
-                      T.RandomHorizontalFlip(), T.PILToTensor()])
+    return RandomCrop(preprocessing.resolution, preprocessing.interpolation, draft)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -45,35 +138,88 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ImageFileDataset(Dataset):
     """(path, label) pairs decoded with PIL to RGB and passed through a worker transform.
 
-    Random transforms draw from a generator seeded by (seed, epoch, index), with the epoch
-    taken from the `(index, epoch)` keys `EpochSampler` yields (`seeded_by_epoch`): worker
-    processes, their number and their persistence then change nothing, and a resumed run
-    sees exactly the crops the uninterrupted one would have.
+    Random transforms draw from torch's CPU generator seeded by (seed, epoch, index), with
+    the epoch taken from the `(index, epoch)` keys `EpochSampler` yields (`seeded_by_epoch`):
+    worker processes, their number and their persistence then change nothing, and a
+    resumed run sees exactly the crops the uninterrupted one would have. A stand-in for
+    an unreadable file is drawn from the same three numbers, and its crop too.
     """
 
     seeded_by_epoch = True
 
     def __init__(
-        self, files: Sequence[Path], labels: Sequence[int], transform: Callable[[Image.Image], Tensor], seed: int = 0
+        self,
+        files: PathArray | Sequence[Path],
+        labels: Sequence[int] | np.ndarray,
+        transform: Callable[[Image.Image], Tensor],
+        seed: int = 0,
+        *,
+        skip_corrupt: bool = False,
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
-        self.files = list(files)
-        self.labels = [int(label) for label in labels]
+        self.files = files if isinstance(files, PathArray) else PathArray.from_names("", [os.fspath(f) for f in files])
+        self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.seed = seed
+        self.skip_corrupt = skip_corrupt
+        # In shared memory, so every worker sees which files failed: each is reported once, never retried.
+        self._unreadable = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def skipped(self) -> int:
+        """How many distinct unreadable files were replaced so far, across all workers."""
+        return int(self._unreadable.sum())
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        with Image.open(self.files[index]) as image:
-            rgb = image.convert("RGB")
         # Fork: with num_workers=0 this runs in the main process, whose RNG drives dropout.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(rgb), self.labels[index]
+            for position in self.candidates(index, epoch):
+                # The CPU generator alone: torch.manual_seed would also reseed (and initialise) CUDA.
+                torch.random.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+                try:
+                    return self.load(position), int(self.labels[position])
+                except UnreadableImage as error:
+                    self.report_unreadable(position, str(error))
+        raise self.no_stand_in(index)
+
+    def load(self, position: int) -> Tensor:
+        with open_image(self.files[position]) as image:
+            if getattr(self.transform, "decodes", False):  # e.g. RandomCrop, which drafts JPEGs
+                return self.transform(image)
+            return self.transform(decode_rgb(image))
+
+    def candidates(self, index: int, epoch: int) -> Iterator[int]:
+        """`index`, then stand-ins drawn from (seed, epoch, index), skipping files known to be unreadable."""
+        yield index
+        rng = np.random.default_rng([self.seed, epoch, index])
+        for _ in range(_STAND_IN_DRAWS):
+            position = int(rng.integers(len(self)))
+            if not self._unreadable[position]:
+                yield position
+
+    def report_unreadable(self, position: int, error: str) -> None:
+        """Raise naming the file, or with `skip_corrupt` mark it and warn once."""
+        path = self.files[position]
+        if not self.skip_corrupt:
+            raise WorkerCorruptImageError(
+                f"cannot decode image '{path}': {error}; replace or delete it, "
+                f"or set data.skip_corrupt=true to skip unreadable images"
+            )
+        if not self._unreadable[position]:
+            self._unreadable[position] = True
+            warnings.warn(f"skipping unreadable image '{path}': {error} (another sample stands in for it; "
+                          f"{self.skipped} unreadable so far)", stacklevel=2)
+
+    def no_stand_in(self, index: int) -> CorruptImageError:
+        return WorkerCorruptImageError(
+            f"no readable image found in {_STAND_IN_DRAWS} random draws to stand in for '{self.files[index]}' "
+            f"({self.skipped} of {len(self)} files unreadable so far); check the images under data.root"
+        )
 
 
 def _decode_error(path: Path) -> str | None:
@@ -86,19 +232,13 @@ def _decode_error(path: Path) -> str | None:
         with Image.open(path) as image:
             image.draft("RGB", (1, 1))
             image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except _PIL_ERRORS as error:
         return str(error) or type(error).__name__
     return None
 
 
-def drop_unreadable(
-    files: Sequence[Path], labels: Sequence[int], skip_corrupt: bool
-) -> tuple[list[Path], list[int]]:
-    """Decode every file once, so a bad image fails here and not in a worker mid-epoch.
-
-    Raises CorruptImageError on the first bad file unless `skip_corrupt`, in which case
-    each bad file is dropped with a warning naming it.
-    """
+def find_unreadable(files: Sequence[Path]) -> dict[int, str]:
+    """Decode every file once (data.verify_images): position -> why it cannot be decoded."""
     threads = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding
     with ThreadPoolExecutor(max_workers=threads) as pool:
         errors = list(
@@ -110,15 +250,31 @@ def drop_unreadable(
                 unit="img",
             )
         )
-    bad = [(path, error) for path, error in zip(files, errors) if error is not None]
+    return {position: error for position, error in enumerate(errors) if error is not None}
+
+
+def drop_unreadable(
+    files: PathArray | Sequence[Path],
+    labels: Sequence[int] | np.ndarray,
+    skip_corrupt: bool,
+    unreadable: dict[int, str] | None = None,
+) -> tuple[PathArray, np.ndarray]:
+    """Drop what a full check found (`unreadable`, or a check run now): the first bad file raises unless `skip_corrupt`.
+
+    With `skip_corrupt` each bad file is dropped with a warning naming it.
+    """
+    files = files if isinstance(files, PathArray) else PathArray.from_names("", [os.fspath(f) for f in files])
+    labels = np.asarray(labels, dtype=np.int64)
+    if unreadable is None:
+        unreadable = find_unreadable(files)
+    bad = sorted(unreadable)
     if bad and not skip_corrupt:
-        path, error = bad[0]
         others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise CorruptImageError(
-            f"cannot decode image '{path}': {error}{others}; replace or delete it, "
+            f"cannot decode image '{files[bad[0]]}': {unreadable[bad[0]]}{others}; replace or delete it, "
             f"or set data.skip_corrupt=true to skip unreadable images"
         )
-    for path, error in bad:
-        warnings.warn(f"skipping unreadable image '{path}': {error}", stacklevel=2)
-    kept = [(path, label) for path, label, error in zip(files, labels, errors) if error is None]
-    return [path for path, _ in kept], [label for _, label in kept]
+    for position in bad:
+        warnings.warn(f"skipping unreadable image '{files[position]}': {unreadable[position]}", stacklevel=2)
+    keep = np.setdiff1d(np.arange(len(files)), bad)
+    return files.take(keep), labels[keep]

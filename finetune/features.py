@@ -4,20 +4,26 @@ With a frozen backbone in eval mode and no random augmentation, the pooled featu
 an image never change, so every epoch after the first would recompute the same numbers.
 `CachedFeatureDataModule` computes them once (on the training device, when the loaders
 are first asked for) and serves them with the same sampler and batch size as the image
-datamodule, so the head sees the same batches in the same order.
+datamodule, so the head sees the same batches in the same order. Under DDP each process
+extracts a contiguous share of the images and `all_gather` hands every process all of them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from datamodules.base import ImageClassificationDataModule, Split
 from finetune.errors import ConfigError
+
+#: Feature rows per all_gather call: bounds the device memory the gather takes (a share times the processes).
+_GATHER_ROWS = 8192
 
 
 class CachedFeatureDataModule(ImageClassificationDataModule):
@@ -47,6 +53,9 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
             return self.source.dataset("test")
         return TensorDataset(*self._extract(split))
 
+    def prepare_data(self) -> None:
+        self.source.prepare_data()
+
     def setup(self, stage: str | None = None) -> None:
         """Nothing to scan here: features are extracted once the model sits on its device."""
         self.source.setup(stage)
@@ -56,25 +65,44 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        if x.dtype == torch.uint8:  # test images: the source's device transform
-            return self.source.gpu_transform(x, train=False), y
-        return x, y
+        if isinstance(x, Tensor) and x.is_floating_point():  # pooled features
+            return x, y
+        return self.source.device_batch(batch, train=False)  # test images: the source's device transform
 
     @torch.no_grad()
     def _extract(self, split: Split) -> tuple[Tensor, Tensor]:
-        module = self.trainer.lightning_module
+        trainer = self.trainer
+        module = trainer.lightning_module
         model = module.model
+        dataset = self.source.dataset(split)
+        share = math.ceil(len(dataset) / trainer.world_size)
+        start = min(trainer.global_rank * share, len(dataset))
+        mine = range(start, min(start + share, len(dataset)))
         was_training = model.training
         model.eval()
         # Its own generator: a loader without one draws its seed from the global RNG, which
         # would shift every later dropout mask and break equality with uncached training.
-        loader = DataLoader(self.source.dataset(split), batch_size=max(self.batch_size, 64), shuffle=False,
-                            num_workers=self.source.num_workers, pin_memory=self.source.pin_memory,
-                            generator=torch.Generator().manual_seed(0))
-        features, labels = [], []
-        for images, y in tqdm(loader, desc=f"caching {split} features", leave=False):
-            x = self.source.gpu_transform(images.to(module.device, non_blocking=True), train=False)
-            features.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
-            labels.append(y)
+        loader = DataLoader(Subset(dataset, mine), batch_size=max(self.batch_size, 64), shuffle=False,
+                            num_workers=self.source.loader_workers, pin_memory=self.source.pin_memory,
+                            generator=torch.Generator().manual_seed(0), collate_fn=getattr(dataset, "collate_fn", None))
+        features = torch.zeros(share, model.num_features)
+        labels = torch.zeros(share, dtype=torch.int64)
+        done = 0
+        for batch in tqdm(loader, desc=f"caching {split} features", leave=False):
+            x, y = self.source.device_batch(move_data_to_device(batch, module.device), train=False)
+            features[done:done + len(y)] = model.forward_head(model.forward_features(x), pre_logits=True).float().cpu()
+            labels[done:done + len(y)] = y.cpu()
+            done += len(y)
         model.train(was_training)
-        return torch.cat(features), torch.cat(labels)
+        if trainer.world_size > 1:
+            features, labels = self._gather(features), self._gather(labels)
+        return features[:len(dataset)], labels[:len(dataset)]
+
+    def _gather(self, share: Tensor) -> Tensor:
+        """Every process's equally long `share`, concatenated in rank order, on the CPU."""
+        strategy = self.trainer.strategy
+        out = torch.empty(self.trainer.world_size, *share.shape, dtype=share.dtype)
+        for begin in range(0, len(share), _GATHER_ROWS):
+            piece = share[begin:begin + _GATHER_ROWS].to(strategy.root_device)
+            out[:, begin:begin + _GATHER_ROWS] = strategy.all_gather(piece).cpu()
+        return out.flatten(0, 1)

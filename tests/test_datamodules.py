@@ -412,7 +412,7 @@ def test_flowers_official_splits(flowers_root: Path) -> None:
     assert dm.num_classes == 102 and dm.class_names[0] == "pink primrose"
     dm.setup()
     assert [len(dm.dataset(s)) for s in ("train", "val", "test")] == [4, 3, 3]
-    assert dm.dataset("val").labels == [0, 1, 101]  # 1-based .mat labels -> 0-based
+    assert dm.dataset("val").labels.tolist() == [0, 1, 101]  # 1-based .mat labels -> 0-based
     images, labels = first_batch(dm.test_dataloader())
     assert_worker_batch(images, labels, 32, 3)
     out = dm.gpu_transform(images, train=False)
@@ -470,7 +470,7 @@ def test_folder_single_layout_split(single_root: Path) -> None:
     def split(seed: int) -> tuple[list[Path], list[Path]]:
         dm = ImageFolderDataModule(root=str(single_root), num_workers=0, seed=seed)
         dm.setup("fit")
-        return dm.dataset("train").files, dm.dataset("val").files
+        return list(dm.dataset("train").files), list(dm.dataset("val").files)
 
     train, val = split(0)
     assert ImageFolderDataModule(root=str(single_root)).class_names == ["circle", "square", "triangle"]
@@ -497,24 +497,64 @@ def test_folder_with_workers(folder_root: Path) -> None:
         assert all(images.dtype == torch.uint8 and images.shape[1:] == (3, 24, 24) for images, _ in batches)
 
 
-def test_folder_corrupt_image(folder_root: Path) -> None:
+def test_folder_corrupt_image_is_named_when_read(folder_root: Path) -> None:
     bad = folder_root / "train" / "dog" / "img001.webp"
     truncate(bad)
+    dm = ImageFolderDataModule(root=str(folder_root), num_workers=0)
+    dm.setup("fit")  # lists the files, decodes none
+    train = dm.dataset("train")
     with pytest.raises(CorruptImageError, match="skip_corrupt=true") as error:
-        ImageFolderDataModule(root=str(folder_root), num_workers=0).setup("fit")
+        train[list(train.files).index(bad)]
     assert str(bad) in str(error.value) and "\n" not in str(error.value)
 
-    dm = ImageFolderDataModule(root=str(folder_root), num_workers=0, skip_corrupt=True)
+    # From a worker process the DataLoader re-raises it with the worker's traceback: still one line.
+    in_worker = ImageFolderDataModule(root=str(folder_root), num_workers=1, persistent_workers=False)
+    with pytest.raises(CorruptImageError) as error:
+        list(in_worker.train_dataloader())
+    assert str(error.value).startswith(f"cannot decode image '{bad}': ") and "\n" not in str(error.value)
+
+    # The full check, on request, finds it at setup.
+    with pytest.raises(CorruptImageError, match="img001.webp.*skip_corrupt=true"):
+        ImageFolderDataModule(root=str(folder_root), num_workers=0, verify_images=True).setup("fit")
+    checked = ImageFolderDataModule(root=str(folder_root), num_workers=0, verify_images=True, skip_corrupt=True)
     with pytest.warns(UserWarning, match="img001.webp"):
-        dm.setup("fit")
-    assert len(dm.dataset("train")) == 11 and bad not in dm.dataset("train").files
+        checked.setup("fit")
+    assert len(checked.dataset("train")) == 11 and bad not in checked.dataset("train").files
+
+
+def test_folder_skip_corrupt_stands_in_a_sample_drawn_from_seed_epoch_and_index(folder_root: Path) -> None:
+    bad = folder_root / "train" / "dog" / "img001.webp"
+    truncate(bad)
+
+    def epochs(num_workers: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        dm = ImageFolderDataModule(root=str(folder_root), num_workers=num_workers, batch_size=4, resolution=24,
+                                   skip_corrupt=True, seed=5)
+        loader = dm.train_dataloader()
+        out = []
+        for epoch in (0, 1, 0):
+            loader.sampler.set_epoch(epoch)
+            out.append(tuple(torch.cat(parts) for parts in zip(*loader)))
+        return out, dm.dataset("train").skipped
+
+    with pytest.warns(UserWarning) as record:
+        reference, skipped = epochs(num_workers=0)
+    assert [str(w.message).split(":")[0] for w in record] == [f"skipping unreadable image '{bad}'"]  # once
+    assert skipped == 1 and all(len(labels) == 12 for _, labels in reference)  # replaced, not dropped
+    assert torch.equal(reference[0][0], reference[2][0]) and not torch.equal(reference[0][0], reference[1][0])
+    with_workers, skipped = epochs(num_workers=2)  # workers warn on their own stderr
+    assert skipped == 1
+    assert all(torch.equal(a, b) for ours, theirs in zip(with_workers, reference) for a, b in zip(ours, theirs))
 
 
 def test_flowers_truncated_jpeg(tmp_path: Path) -> None:
     write_flowers(tmp_path, [1, 2, 1, 2], {"trnid": [1, 2], "valid": [3, 4], "tstid": [3, 4]})
     truncate(tmp_path / "flowers-102" / "jpg" / "image_00002.jpg")
+    dm = Flowers102DataModule(root=str(tmp_path), num_workers=0)
+    dm.setup("fit")
     with pytest.raises(CorruptImageError, match="image_00002.jpg"):
-        Flowers102DataModule(root=str(tmp_path), num_workers=0).setup("fit")
+        list(dm.train_dataloader())
+    with pytest.raises(CorruptImageError, match="image_00002.jpg"):
+        Flowers102DataModule(root=str(tmp_path), num_workers=0, verify_images=True).setup("fit")
 
 
 def test_folder_empty_class_and_unknown_class(folder_root: Path) -> None:
