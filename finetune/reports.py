@@ -1,0 +1,245 @@
+"""What a classifier gets right and wrong: metrics, tables and figures shared by evaluation and `trainer.test`.
+
+Every number comes from torchmetrics, so `finetune-evaluate`'s report.json and the `test/*`
+scalars that training logs are the same computation on the same kind of input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from finetune.cam import plt
+
+#: Bins of the expected calibration error and of the reliability diagram (Guo et al. 2017 use 15).
+CALIBRATION_BINS = 15
+#: How many of the largest off-diagonal confusion counts the report lists.
+MOST_CONFUSED = 10
+#: Up to this many classes the confusion matrix prints each cell's rate.
+ANNOTATED_CLASSES = 20
+
+
+def report_metrics(num_classes: int) -> MetricCollection:
+    """The metrics of a classification report; feed them softmax probabilities and integer labels."""
+    top_k = min(5, num_classes)
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "acc_top5": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+        "ece": MulticlassCalibrationError(num_classes, n_bins=CALIBRATION_BINS, norm="l1"),
+        "confusion": MulticlassConfusionMatrix(num_classes),
+    }
+    for average in (None, "macro", "weighted"):
+        suffix = f"_{average}" if average else ""
+        metrics[f"precision{suffix}"] = MulticlassPrecision(num_classes, average=average)
+        metrics[f"recall{suffix}"] = MulticlassRecall(num_classes, average=average)
+        metrics[f"f1{suffix}"] = MulticlassF1Score(num_classes, average=average)
+    return MetricCollection(metrics)
+
+
+def classification_report(probs: Tensor, labels: Tensor, class_names: list[str]) -> dict[str, Any]:
+    """The report of softmax probabilities (N×C) against labels (N)."""
+    metrics = report_metrics(len(class_names))
+    metrics.update(probs.float(), labels.long())
+    return summarize(metrics.compute(), class_names)
+
+
+def summarize(values: dict[str, Tensor], class_names: list[str]) -> dict[str, Any]:
+    """The computed `report_metrics` as plain JSON values, with class names and the most-confused pairs.
+
+    Macro averages follow torchmetrics: a class with no image and no prediction is left out.
+    """
+    confusion = values["confusion"].cpu().long()
+    support = confusion.sum(1)
+    per_class = [
+        {"class": name, "precision": float(values["precision"][i]), "recall": float(values["recall"][i]),
+         "f1": float(values["f1"][i]), "support": int(support[i])}
+        for i, name in enumerate(class_names)
+    ]
+    return {
+        "images": int(support.sum()),
+        "classes": len(class_names),
+        "accuracy": float(values["acc"]),
+        "top5_accuracy": float(values["acc_top5"]),
+        "top_k": min(5, len(class_names)),
+        "expected_calibration_error": float(values["ece"]),
+        "calibration_bins": CALIBRATION_BINS,
+        "macro_avg": {k: float(values[f"{k}_macro"]) for k in ("precision", "recall", "f1")},
+        "weighted_avg": {k: float(values[f"{k}_weighted"]) for k in ("precision", "recall", "f1")},
+        "per_class": per_class,
+        "most_confused": most_confused(confusion, class_names),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def most_confused(confusion: Tensor, class_names: list[str], limit: int = MOST_CONFUSED) -> list[dict[str, Any]]:
+    """The largest off-diagonal counts (true class, predicted class), largest first."""
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    support = confusion.sum(1)
+    pairs = sorted(((-int(off[t, p]), t, p) for t, p in off.nonzero().tolist()))[:limit]
+    return [{"true": class_names[t], "predicted": class_names[p], "count": -n, "share_of_true": -n / int(support[t])}
+            for n, t, p in pairs]
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """report.json as tables a person reads."""
+    macro, weighted = report["macro_avg"], report["weighted_avg"]
+    lines = [
+        f"# Evaluation: {report['images']} images, {report['classes']} classes",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| accuracy | {report['accuracy']:.4f} |",
+        f"| top-{report['top_k']} accuracy | {report['top5_accuracy']:.4f} |",
+        f"| expected calibration error ({report['calibration_bins']} bins) | {report['expected_calibration_error']:.4f} |",
+        f"| macro precision / recall / F1 | {macro['precision']:.4f} / {macro['recall']:.4f} / {macro['f1']:.4f} |",
+        f"| weighted precision / recall / F1 | {weighted['precision']:.4f} / {weighted['recall']:.4f} / {weighted['f1']:.4f} |",
+        "",
+        "## Per class",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {c['class']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+          for c in report["per_class"]),
+        "",
+        "## Most confused (true → predicted)",
+        "",
+    ]
+    if report["most_confused"]:
+        lines += ["| true | predicted | images | share of the true class |", "|---|---|---:|---:|"]
+        lines += [f"| {p['true']} | {p['predicted']} | {p['count']} | {p['share_of_true']:.2%} |"
+                  for p in report["most_confused"]]
+    else:
+        lines.append("No image was misclassified.")
+    return "\n".join(lines) + "\n"
+
+
+def confusion_figure(confusion: np.ndarray | list, class_names: list[str]) -> plt.Figure:
+    """Confusion matrix normalised by row (each true class sums to 1), class names on both axes.
+
+    The figure grows with the class count and the labels shrink, so 102 classes stay legible.
+    """
+    counts = np.asarray(confusion, dtype=float)
+    support = counts.sum(1, keepdims=True)
+    rates = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
+    n = len(class_names)
+    side = min(max(5.0, 0.2 * n + 2.5), 24.0)
+    fontsize = 9 if n <= ANNOTATED_CLASSES else min(8.0, 0.4 * 72 * side / n)  # ~half a row's height
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (rows: true class, normalised to 1)")
+    if n <= ANNOTATED_CLASSES:
+        for t, p in zip(*np.nonzero(counts)):
+            ax.text(p, t, f"{rates[t, p]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if rates[t, p] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(probs: Tensor, labels: Tensor, ece: float, bins: int = CALIBRATION_BINS) -> plt.Figure:
+    """Calibration diagram: accuracy against confidence of the top-1 class, per confidence bin.
+
+    Bins as torchmetrics' calibration error draws them (`[k/bins, (k+1)/bins)`), so the gaps
+    drawn here are the ones ECE averages.
+    """
+    confidence, predicted = probs.float().max(1)
+    correct = (predicted == labels).double().numpy()
+    confidence = confidence.double().numpy()
+    index = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), confidence, side="right") - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    accuracy = np.bincount(index, weights=correct, minlength=bins) / np.maximum(count, 1)
+    mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / np.maximum(count, 1)
+    left, width = np.arange(bins) / bins, 1 / bins
+    filled = count > 0
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    ax.bar(left[filled], accuracy[filled], width=width, align="edge", color="tab:blue", edgecolor="black",
+           label="accuracy")
+    ax.bar(left[filled], (mean_confidence - accuracy)[filled], bottom=accuracy[filled], width=width, align="edge",
+           color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"reliability (ECE {ece:.4f}, {bins} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.bar(left, count, width=width, align="edge", color="gray", edgecolor="black")
+    hist.set(xlabel="confidence of the predicted class", ylabel="images")
+    fig.tight_layout()
+    return fig
+
+
+def errors_figure(images: Tensor, titles: list[str]) -> plt.Figure:
+    """A grid of images ([0, 1], B×3×H×W) with one title each; a note when there are none."""
+    n = len(images)
+    cols = min(4, max(1, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_title(title, fontsize=8)
+    if n == 0:
+        axes[0][0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
+class TestReport(L.Callback):
+    """At the end of `trainer.test`: the report's averaged metrics and ECE as `test/*` scalars, plus
+    the confusion matrix figure and the per-class table in TensorBoard.
+
+    The logits come from a forward hook on the module's own test step, so testing runs no extra
+    pass; torchmetrics syncs the states across processes under DDP.
+    """
+
+    def __init__(self) -> None:
+        self._metrics: MetricCollection | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._logits: Tensor | None = None
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._metrics = report_metrics(pl_module.hparams["num_classes"]).to(pl_module.device)
+        self._hook = pl_module.register_forward_hook(self._keep_logits)
+
+    def _keep_logits(self, module: torch.nn.Module, args: Any, output: Tensor) -> None:
+        self._logits = output.detach()
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._metrics.update(self._logits.float().softmax(-1), batch[1])
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hook.remove()
+        num_classes = pl_module.hparams["num_classes"]
+        names = list(pl_module.hparams.get("class_names") or [str(i) for i in range(num_classes)])
+        report = summarize(self._metrics.compute(), names)
+        scalars = {"test/ece": report["expected_calibration_error"]}
+        for average in ("macro", "weighted"):
+            scalars |= {f"test/{k}_{average}": v for k, v in report[f"{average}_avg"].items()}
+        pl_module.log_dict(scalars)  # test/acc and test/acc_top5 are the module's own
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if loggers and trainer.is_global_zero:
+            fig = confusion_figure(report["confusion_matrix"], names)
+            for logger in loggers:
+                logger.experiment.add_figure("test/confusion_matrix", fig, trainer.global_step, close=False)
+                logger.experiment.add_text("test/report", markdown_report(report), trainer.global_step)
+            plt.close(fig)
+        self._metrics = self._logits = self._hook = None
