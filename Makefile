@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo demo-family test test-all bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/finetune-compare experiment=demo trainer.enable_progress_bar=false
+
+demo-family: $(STAMP)
+	$(VENV)/bin/finetune-compare experiment=demo "compare.models=[lite0,lite1,lite2]" "compare.policies=[frozen,full]" \
+		trainer.enable_progress_bar=false
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,17 +1,30 @@
-"""`finetune-compare`: several policies on identical data, seed and budget, reported side by side.
+"""`finetune-compare`: models x policies on identical data, seed and budget, reported side by side.
 
     finetune-compare experiment=demo "compare.policies=[frozen,partial,full]"
+    finetune-compare experiment=demo "compare.models=[lite0,lite1,lite2]" "compare.policies=[frozen,full]"
 
-Each policy is one `fit` of the same composed config (only the `finetune` group differs),
-logging under one TensorBoard root so the curves overlay. The report is read back from
-those TensorBoard logs, so the table and the curves cannot disagree.
+Each (model, policy) is one `fit`, logging under one TensorBoard root so the curves overlay. The
+report is read back from those TensorBoard logs, so the table and the curves cannot disagree.
+
+Every run's config is derived from the one config Hydra composed, not composed again: a second
+composition could only replay the command line, and would lose a config built any other way. A
+run swaps the `model` and `finetune` nodes for the options it names, read from
+conf/<group>/<option>.yaml after the same-group files their defaults list (`_base`), and keeps
+each value of those groups that the command line or an experiment set over the configured
+option's own. So a `model.resolution` left at `${variant_resolution:${model.name}}` follows each
+model (and `data.resolution` with it), while one set anywhere (`experiment=demo`: 96 px) holds
+for every model, as do `model.pretrained=null` and the like.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.resources
 import json
+import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,29 +34,49 @@ import lightning as L
 import psutil
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from finetune.errors import ConfigError, user_errors
+from datamodules.augment import TRAINING_ONLY_KEYS
+from finetune.config_checks import validate_config
+from finetune.errors import user_errors
+from finetune.evaluate import evaluate, split_predictions
+from finetune.models.efficientnet import EfficientNetConfig
+from finetune.models.profile import params_and_macs
 from finetune.train import build_datamodule, fit, run_command
+
+#: Marker shapes of the frontier plot, one per model.
+MARKERS = "osD^vP*Xhp<>"
 
 
 @dataclass
-class PolicyResult:
+class RunResult:
+    """One (model, policy) run of the grid, as comparison.json records it."""
+
+    model: str
     policy: str
+    #: TensorBoard run name and folder under runs/: `<policy>`, or `<model>/<policy>` when several models run.
+    run: str
+    resolution: int
+    #: All parameters of the network with its new head, and its multiply-adds per image at `resolution`.
+    params: int
+    macs: int
     trainable_params: int
     best_val_acc: float
     test_acc: float | None
     epoch_seconds: float
+    train_images_per_second: float
     peak_memory_mb: float
     total_seconds: float
     cached_features: bool
     val_acc: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     best_checkpoint: str | None = None
+    #: Validation accuracy of each class (its recall) for the best checkpoint.
+    per_class_acc: dict[str, float] = field(default_factory=dict)
 
 
 class RunStats(L.Callback):
-    """Train-epoch wall time (validation excluded), peak memory and trainable parameters.
+    """Train-epoch wall time (validation excluded), images trained on, peak memory, and the network trained.
 
     Peak memory is CUDA's allocator peak on GPU; on CPU, the peak rise of the process's
     resident memory over the run, sampled every 20 ms (lifetime peaks cannot be reset).
@@ -51,13 +84,16 @@ class RunStats(L.Callback):
 
     def __init__(self) -> None:
         self.epoch_seconds: list[float] = []
+        self.train_images = 0
         self.peak_memory_mb = 0.0
         self.trainable_params = 0
+        self.model_config: EfficientNetConfig | None = None
         self._epoch_start = self._last_batch_end = 0.0
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.model_config = pl_module.model.config
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
             return
@@ -74,8 +110,10 @@ class RunStats(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._last_batch_end = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         self._last_batch_end = time.perf_counter()
+        self.train_images += len(batch[1]) * trainer.world_size  # each process trains on its own share
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epoch_seconds.append(self._last_batch_end - self._epoch_start)
@@ -101,38 +139,88 @@ def compose(overrides: list[str]) -> DictConfig:
         return hydra_compose("compare", overrides=overrides)
 
 
-def compare(overrides: list[str], output_dir: str | Path) -> list[PolicyResult]:
-    """Fit every policy of `compare.policies`, then write comparison.{json,md,png} and the CAM figure."""
+def compare(overrides: list[str], output_dir: str | Path) -> list[RunResult]:
+    """The Python API of `finetune-compare`: compose once for these overrides, then run the grid."""
+    return compare_config(compose(overrides), output_dir)
+
+
+def compare_config(cfg: DictConfig, output_dir: str | Path) -> list[RunResult]:
+    """Fit every model x policy of `cfg.compare`, then write comparison.{json,md,png}, the frontier and the CAM figure."""
     out = Path(output_dir)
-    base = compose(overrides)
-    policies = list(base.compare.policies)
-    if not policies or len(set(policies)) != len(policies):
-        raise ConfigError(f"compare.policies must list distinct policies, got {policies}")
-    results, best = [], {}
-    for policy in policies:
-        cache = policy == "frozen" and bool(base.compare.cache_frozen_features) and not base.data.get("augment", True)
-        cfg = compose([
-            *overrides, f"finetune={policy}", f"finetune.cache_features={cache}", f"run_name={policy}",
-            f"paths.output_dir={out / 'runs' / policy}", f"paths.tensorboard_dir={out / 'tensorboard'}",
-        ])
-        stats, start = RunStats(), time.perf_counter()
-        metrics = fit(cfg, extra_callbacks=[stats])
-        total = time.perf_counter() - start
-        series = read_scalars(out / "tensorboard" / policy)
-        val_acc = [v for _, v in series.get("val/acc", [])]
-        test = series.get("test/acc")
-        results.append(PolicyResult(
-            policy=policy, trainable_params=stats.trainable_params,
-            best_val_acc=max(val_acc) if val_acc else float("nan"), test_acc=test[-1][1] if test else None,
-            epoch_seconds=sum(stats.epoch_seconds) / max(1, len(stats.epoch_seconds)),
-            peak_memory_mb=round(stats.peak_memory_mb, 1), total_seconds=round(total, 2), cached_features=cache,
-            val_acc=val_acc, train_loss=[v for _, v in series.get("train/epoch_loss", [])],
-            best_checkpoint=metrics.get("best_checkpoint"),
-        ))
-        best[policy] = metrics.get("best_checkpoint")
+    base = copy.deepcopy(cfg)
+    base.paths.output_dir, base.paths.tensorboard_dir = str(out), str(out / "tensorboard")
+    validate_config(base)  # compare.models and compare.policies too, before any option file is read
+    models = list(base.compare.models or []) or [base.model.name]
+    runs = [run_config(base, model, policy, several_models=len(models) > 1)
+            for model in models for policy in base.compare.policies]
+    for run in runs:
+        validate_config(run)  # e.g. lite2's weights package missing: said now, not after lite0 and lite1 trained
+    results = [fit_run(run) for run in runs]
     write_reports(results, out)
-    write_cam(base, best, out)
+    write_frontier(results, out)
+    write_cam(runs[0], {r.run: r.best_checkpoint for r in results if r.model == models[0]}, out)  # the first model's
     return results
+
+
+def run_config(base: DictConfig, model: str, policy: str, several_models: bool) -> DictConfig:
+    """`base` for one run: its model and policy options, its folder under runs/ and its TensorBoard run name."""
+    run = copy.deepcopy(base)
+    if model != base.model.name:
+        run.model = switch_option(base, "model", model)
+    run.finetune = switch_option(base, "finetune", policy)
+    unaugmented = not base.data.get("augment", True) and not any(base.data.get(k) for k in TRAINING_ONLY_KEYS)
+    run.finetune.cache_features = policy == "frozen" and bool(base.compare.cache_frozen_features) and unaugmented
+    run.run_name = f"{model}/{policy}" if several_models else policy
+    run.paths.output_dir = str(Path(base.paths.output_dir) / "runs" / run.run_name)
+    return run
+
+
+def switch_option(cfg: DictConfig, group: str, option: str) -> DictConfig:
+    """`cfg[group]` switched to another option of conf/<group>/, keeping what `cfg` set over its own option.
+
+    The current option is the file its `name` names (every model and policy file names itself).
+    Only keys the new option has are kept: `model.phi` does not follow a switch to lite0.
+    """
+    current = OmegaConf.to_container(cfg[group], resolve=False)
+    own = OmegaConf.to_container(option_node(group, current["name"]), resolve=False)
+    switched = option_node(group, option)
+    kept = {k: v for k, v in current.items() if k in switched and (k not in own or own[k] != v)}
+    return OmegaConf.merge(switched, kept)
+
+
+def option_node(group: str, option: str) -> DictConfig:
+    """conf/<group>/<option>.yaml as Hydra composes it into `group`: the same-group files its defaults list, then itself."""
+    text = (importlib.resources.files("conf") / group / f"{option}.yaml").read_text()
+    node = OmegaConf.create(text)
+    defaults = list(node.pop("defaults", []))
+    if text.startswith("# @package _global_"):  # finetune/probe.yaml: the group's values sit under its name
+        node = node[group]
+    order = defaults if "_self_" in defaults else [*defaults, "_self_"]
+    return OmegaConf.merge(*(node if name == "_self_" else option_node(group, name) for name in order))
+
+
+def fit_run(cfg: DictConfig) -> RunResult:
+    """One `fit`, measured, with its scores read back from its TensorBoard run."""
+    stats, start = RunStats(), time.perf_counter()
+    metrics = fit(cfg, extra_callbacks=[stats])
+    total = time.perf_counter() - start
+    series = read_scalars(Path(cfg.paths.tensorboard_dir) / cfg.run_name)
+    val_acc = [v for _, v in series.get("val/acc", [])]
+    test = series.get("test/acc")
+    train_seconds = sum(stats.epoch_seconds)
+    params, macs = params_and_macs(stats.model_config)
+    return RunResult(
+        model=str(cfg.model.name), policy=str(cfg.finetune.name), run=str(cfg.run_name),
+        resolution=stats.model_config.resolution, params=params, macs=macs, trainable_params=stats.trainable_params,
+        best_val_acc=max(val_acc) if val_acc else float("nan"), test_acc=test[-1][1] if test else None,
+        epoch_seconds=train_seconds / max(1, len(stats.epoch_seconds)),
+        train_images_per_second=stats.train_images / train_seconds if train_seconds > 0 else 0.0,
+        peak_memory_mb=round(stats.peak_memory_mb, 1), total_seconds=round(total, 2),
+        cached_features=bool(cfg.finetune.cache_features),
+        val_acc=val_acc, train_loss=[v for _, v in series.get("train/epoch_loss", [])],
+        best_checkpoint=metrics.get("best_checkpoint"),
+        per_class_acc=per_class_accuracy(metrics.get("best_checkpoint"), cfg),
+    )
 
 
 def read_scalars(tensorboard_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -148,33 +236,58 @@ def read_scalars(tensorboard_dir: str | Path) -> dict[str, list[tuple[int, float
     return series
 
 
-def markdown_table(results: list[PolicyResult]) -> str:
-    full = next((r for r in results if r.policy == "full"), None)
-    lines = [
-        "| policy | trainable params | best val acc | test acc | train epoch (s) | vs full | peak memory (MB) | total (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def per_class_accuracy(checkpoint: str | None, cfg: DictConfig) -> dict[str, float]:
+    """Each class's validation accuracy for a checkpoint, through the pipeline training validated with."""
+    if not checkpoint:
+        return {}
+    report = evaluate(split_predictions(checkpoint, cfg, "val"))
+    return {c["class"]: c["recall"] for c in report["per_class"]}
+
+
+def per_class_table(results: list[RunResult]) -> str:
+    """Rows: classes; columns: runs. Where runs differ per class, not only on average."""
+    shown = [r for r in results if r.per_class_acc]
+    if not shown:
+        return ""
+    lines = ["| class | " + " | ".join(r.run for r in shown) + " |", "|---|" + "---:|" * len(shown)]
+    for name in shown[0].per_class_acc:
+        lines.append(f"| {name} | " + " | ".join(f"{r.per_class_acc.get(name, float('nan')):.4f}" for r in shown) + " |")
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[RunResult]) -> str:
+    """One row per run; with several models, also each model's size and cost (`vs full`: the same model's full run)."""
+    several_models = len({r.model for r in results}) > 1
+    head = "| policy | trainable params | best val acc | test acc | train epoch (s) | vs full | peak memory (MB) | total (s) |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if several_models:
+        head, rule = "| model | resolution | params | GMACs " + head, "|---|---:|---:|---:" + rule
+    lines = [head, rule]
     for r in results:
+        full = next((f for f in results if f.model == r.model and f.policy == "full"), None)
         name = f"{r.policy} (cached features)" if r.cached_features else r.policy
         test = f"{r.test_acc:.4f}" if r.test_acc is not None else "-"
         ratio = f"{r.epoch_seconds / full.epoch_seconds:.2f}x" if full and full.epoch_seconds else "-"
-        lines.append(f"| {name} | {r.trainable_params:,} | {r.best_val_acc:.4f} | {test} | {r.epoch_seconds:.2f} | "
+        model = f"| {r.model} | {r.resolution} | {r.params:,} | {r.macs / 1e9:.3f} " if several_models else ""
+        lines.append(f"{model}| {name} | {r.trainable_params:,} | {r.best_val_acc:.4f} | {test} | {r.epoch_seconds:.2f} | "
                      f"{ratio} | {r.peak_memory_mb:.0f} | {r.total_seconds:.1f} |")
     return "\n".join(lines)
 
 
-def write_reports(results: list[PolicyResult], out: Path) -> None:
+def write_reports(results: list[RunResult], out: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     from finetune.cam import plt
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    (out / "comparison.md").write_text(markdown_table(results) + "\n")
+    per_class = per_class_table(results)
+    per_class = f"\n\nPer-class validation accuracy (best checkpoint of each run):\n\n{per_class}" if per_class else ""
+    (out / "comparison.md").write_text(markdown_table(results) + per_class + "\n")
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
-        acc_ax.plot(range(1, len(r.val_acc) + 1), r.val_acc, marker="o", label=r.policy)
-        loss_ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, marker="o", label=r.policy)
+        acc_ax.plot(range(1, len(r.val_acc) + 1), r.val_acc, marker="o", label=r.run)
+        loss_ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, marker="o", label=r.run)
     acc_ax.set(title="validation accuracy", xlabel="epoch", ylabel="top-1")
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
     for ax in (acc_ax, loss_ax):
@@ -186,8 +299,67 @@ def write_reports(results: list[PolicyResult], out: Path) -> None:
     plt.close(fig)
 
 
+def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats (as cheap or cheaper, and better), by rising cost.
+
+    Of points with equal cost and score only the first is kept; a NaN score is never on the front.
+    """
+    front, best = [], -math.inf
+    for i in sorted(range(len(costs)), key=lambda i: (costs[i], -scores[i])):
+        if scores[i] > best:
+            front.append(i)
+            best = scores[i]
+    return front
+
+
+def write_frontier(results: list[RunResult], out: Path) -> None:
+    """comparison_frontier.png: best val accuracy against GMACs and against train-epoch time, each with its Pareto front."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogFormatter
+
+    from finetune.cam import plt
+
+    class Plain(LogFormatter):
+        """Labels where matplotlib's log axis puts them, written 0.008 rather than 8x10^-3."""
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    models = list(dict.fromkeys(r.model for r in results))
+    policies = list(dict.fromkeys(r.policy for r in results))
+    marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
+    colour = {p: f"C{i % 10}" for i, p in enumerate(policies)}
+    resolutions = sorted({r.resolution for r in results})
+    at = f"at {resolutions[0]} px" if len(resolutions) == 1 else "at each model's resolution"
+    accuracy = [r.best_val_acc for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
+    panels = ((axes[0], [r.macs / 1e9 for r in results], "accuracy against compute", f"GMACs per image {at}"),
+              (axes[1], [r.epoch_seconds for r in results], "accuracy against training time", "train epoch (s)"))
+    for ax, cost, title, xlabel in panels:
+        front = pareto_front(cost, accuracy)
+        if front:  # the best accuracy each budget buys, held out to the largest cost shown
+            xs, ys = [cost[i] for i in front] + [max(cost)], [accuracy[i] for i in front] + [accuracy[front[-1]]]
+            ax.step(xs, ys, where="post", color="0.4", ls="--", lw=1, zorder=2)
+        for r, x, y in zip(results, cost, accuracy):
+            ax.scatter(x, y, marker=marker[r.model], color=colour[r.policy], s=70, edgecolor="black", lw=0.5, zorder=3)
+        ax.set(title=title, xscale="log", xlabel=f"{xlabel}, log scale")
+        ax.xaxis.set_major_formatter(Plain())
+        ax.xaxis.set_minor_formatter(Plain(minor_thresholds=(2, 0.5)))  # some minor ticks labelled up to 2 decades
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("best validation accuracy")
+    handles = ([Line2D([], [], ls="", marker=marker[m], color="0.5", markeredgecolor="black", label=m) for m in models]
+               + [Line2D([], [], ls="", marker="s", color=colour[p], label=p) for p in policies]
+               + [Line2D([], [], ls="--", color="0.4", label="Pareto front")])
+    fig.legend(handles=handles, loc="outside right upper", frameon=False)
+    fig.savefig(out / "comparison_frontier.png", dpi=110)
+    plt.close(fig)
+
+
 def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) -> None:
-    """Grad-CAM of each policy's best model on the same first val images, as PNG and in TensorBoard."""
+    """Grad-CAM of each run's best model on the same first val images, as PNG and in TensorBoard.
+
+    `cfg` is the config of one of those runs: the images are that run's validation images.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     from finetune.cam import cam_figure, grad_cam, plt
@@ -222,9 +394,9 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="compare")
 def hydra_main(cfg: DictConfig) -> None:
     with user_errors():
-        hydra_cfg = HydraConfig.get()
-        results = compare(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
-        print(f"\nComparison in {hydra_cfg.runtime.output_dir} (tensorboard --logdir {hydra_cfg.runtime.output_dir}/tensorboard):\n")
+        out = HydraConfig.get().runtime.output_dir
+        results = compare_config(cfg, out)
+        print(f"\nComparison in {out} (tensorboard --logdir {out}/tensorboard):\n")
         print(markdown_table(results))
 
 

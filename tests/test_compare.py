@@ -1,6 +1,7 @@
 """finetune-compare's report, read back against its TensorBoard logs; cached-feature training."""
 
 import json
+import re
 
 import lightning as L
 import numpy as np
@@ -8,8 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.compare import compare, read_scalars
+from torch.utils.flop_counter import FlopCounterMode
+
+from finetune.compare import compare, compose, pareto_front, read_scalars, run_config
+from finetune.errors import ConfigError
 from finetune.features import CachedFeatureDataModule
+from finetune.module import FineTuneModule
 from finetune.train import build_datamodule, build_module
 from helpers import compose_config
 
@@ -49,11 +54,107 @@ def test_compare_writes_one_row_per_policy_agreeing_with_tensorboard(tiny_folder
     frozen, partial, full = rows
     assert frozen["cached_features"] and not full["cached_features"]
     assert frozen["trainable_params"] == 1280 * 3 + 3 < partial["trainable_params"] < full["trainable_params"]
-    table = (tmp_path / "comparison.md").read_text()
-    assert table.count("\n") == 5 and "| frozen (cached features) |" in table and "| full |" in table
-    for png in ("comparison.png", "comparison_cam.png"):
+    table, per_class = (tmp_path / "comparison.md").read_text().split("\n\n", 1)
+    assert table.count("\n") == 4 and "| frozen (cached features) |" in table and "| full |" in table
+    # Per-class validation accuracy: weighted by each class's images, it is the best val/acc the run logged.
+    val_labels = np.array(build_datamodule(compose_config(_overrides(tiny_folder), tmp_path / "cfg")).dataset("val").labels)
+    for row in rows:
+        assert list(row["per_class_acc"]) == ["class0", "class1", "class2"]
+        support = [int((val_labels == c).sum()) for c in range(3)]
+        pooled = sum(acc * n for acc, n in zip(row["per_class_acc"].values(), support)) / sum(support)
+        assert pooled == pytest.approx(row["best_val_acc"], abs=1e-6)
+        assert all(acc * n == pytest.approx(round(acc * n)) for acc, n in zip(row["per_class_acc"].values(), support))
+    assert "| class | frozen | partial | full |" in per_class
+    assert f"| class1 | {rows[0]['per_class_acc']['class1']:.4f} | " in per_class
+    for png in ("comparison.png", "comparison_cam.png", "comparison_frontier.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "tensorboard" / "cam").glob("events.out.tfevents.*"))
+    # One model: the runs keep their policy names and folders.
+    assert [(r["model"], r["run"]) for r in rows] == [("b0", "frozen"), ("b0", "partial"), ("b0", "full")]
+    assert all((tmp_path / "runs" / r["policy"] / "metrics.json").is_file() for r in rows)
+
+
+GRID = ["model=lite0", "model.pretrained=null", "model.resolution=32", "data=digits", "data.batch_size=32",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "test_after_fit=false", "compare.cam_images=2",
+        "compare.models=[lite0,lite1]", "compare.policies=[frozen,full]"]
+
+
+def _macs_at(model: torch.nn.Module, resolution: int) -> int:
+    """Multiply-adds of one image through the real network, counted as torch counts them (FLOPs / 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, resolution, resolution))
+    return counter.get_total_flops() // 2
+
+
+def test_compare_runs_the_grid_of_models_and_policies(tmp_path):
+    results = compare(GRID, tmp_path)
+    rows = json.loads((tmp_path / "comparison.json").read_text())
+    assert [(r["model"], r["policy"], r["run"]) for r in rows] == [
+        ("lite0", "frozen", "lite0/frozen"), ("lite0", "full", "lite0/full"),
+        ("lite1", "frozen", "lite1/frozen"), ("lite1", "full", "lite1/full")]
+    assert [r.run for r in results] == [r["run"] for r in rows]
+    for row in rows:
+        checkpoint = torch.load(row["best_checkpoint"], map_location="cpu", weights_only=True)
+        hp = checkpoint["hyper_parameters"]
+        assert hp["model"]["name"] == row["model"]
+        assert hp["model"]["resolution"] == hp["preprocessing"]["resolution"] == row["resolution"] == 32
+        assert row["best_checkpoint"].startswith(str(tmp_path / "runs" / row["model"] / row["policy"]))
+        model = FineTuneModule.from_checkpoint(row["best_checkpoint"]).model
+        assert row["params"] == sum(p.numel() for p in model.parameters())
+        assert row["macs"] == _macs_at(model, 32)
+        # 2 batches of 32 images in the one epoch: images/s times the epoch's seconds counts them back.
+        assert row["train_images_per_second"] > 0
+        assert row["train_images_per_second"] * row["epoch_seconds"] == pytest.approx(64)
+        assert row["best_val_acc"] == max(v for _, v in read_scalars(tmp_path / "tensorboard" / row["run"])["val/acc"])
+    lite0, lite1 = rows[0], rows[2]
+    assert lite0["params"] < lite1["params"] and lite0["macs"] < lite1["macs"]
+    assert lite0["trainable_params"] == 1280 * 10 + 10 < rows[1]["trainable_params"] == lite0["params"]
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| model | resolution | params | GMACs | policy |" in table
+    assert f"| lite1 | 32 | {lite1['params']:,} | {lite1['macs'] / 1e9:.3f} | frozen | 12,810 |" in table
+    assert "| class | lite0/frozen | lite0/full | lite1/frozen | lite1/full |" in table
+    for png in ("comparison.png", "comparison_cam.png", "comparison_frontier.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_model_trains_at_its_own_resolution_unless_one_is_set(tmp_path):
+    def run(overrides: list[str], model: str):
+        cfg = compose(["model=lite0", "data=digits", f"paths.output_dir={tmp_path}", *overrides])
+        return run_config(cfg, model, "full", several_models=True)
+
+    own = run([], "lite1")
+    assert (own.model.name, own.model.resolution, own.data.resolution) == ("lite1", 240, 240)
+    assert run([], "b2").model.resolution == 260 and run([], "lite0").model.resolution == 224
+    given = run(["model.resolution=64", "model.pretrained=null", "model.drop_path_rate=0.1"], "lite1")
+    assert (given.model.resolution, given.data.resolution, given.model.pretrained) == (64, 64, None)
+    assert given.model.drop_path_rate == 0.1 and given.finetune.name == "full" and given.finetune.trainable_stages == 7
+    assert run(["experiment=demo"], "lite2").model.resolution == 96  # an experiment's resolution holds for every model
+    from_phi = run(["model=phi", "model.phi=2"], "lite0")
+    assert "phi" not in from_phi.model and from_phi.model.resolution == 224 and from_phi.model.pretrained is True
+
+
+MODELS_ERROR = "compare.models must be null or a list of distinct models from b0, b1, b2, b3, b4, b5, b6, b7, lite0, "
+
+
+@pytest.mark.parametrize("override, expected", [
+    *((f"compare.models={models}", MODELS_ERROR) for models in ("[lite0,lite0]", "[lite0,phi]", "[lite0,b9]", "lite0")),
+    ("compare.policies=[probe,full]", "compare.policies must be a list of distinct policies from full, frozen, partial, "
+                                      "gradual, got ['probe', 'full']"),  # a probe has no epochs to measure
+])
+def test_compare_refuses_bad_models_and_policies_before_any_run(tmp_path, override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        compare([*GRID, override], tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pareto_front_keeps_the_points_nothing_cheaper_beats():
+    costs = [1.0, 2.0, 2.0, 3.0, 0.5, 4.0, 4.0, 5.0]
+    scores = [0.5, 0.7, 0.6, 0.65, 0.4, 0.9, 0.9, float("nan")]
+    # 0.5 -> 0.4, 1 -> 0.5, 2 -> 0.7 (the 0.6 at equal cost loses), 3 -> 0.65 is beaten, 4 -> 0.9 once.
+    assert pareto_front(costs, scores) == [4, 0, 1, 5]
+    assert pareto_front([], []) == []
 
 
 def _trained_head(root, out, cache: bool) -> torch.Tensor:

@@ -32,7 +32,8 @@ class Profile:
     macs: int
 
 
-def profile_config(config: EfficientNetConfig, phi: float) -> Profile:
+def params_and_macs(config: EfficientNetConfig) -> tuple[int, int]:
+    """Parameters and multiply-adds per image of the network `config` describes (its head and resolution included)."""
     with torch.device("meta"):
         model = EfficientNet(config).eval()
         x = torch.empty(1, 3, config.resolution, config.resolution)
@@ -40,7 +41,11 @@ def profile_config(config: EfficientNetConfig, phi: float) -> Profile:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
-    return Profile(config.name, phi, config.resolution, params, counter.get_total_flops() // 2)
+    return params, counter.get_total_flops() // 2
+
+
+def profile_config(config: EfficientNetConfig, phi: float) -> Profile:
+    return Profile(config.name, phi, config.resolution, *params_and_macs(config))
 
 
 def profile_variant(name: str) -> Profile:
