@@ -68,7 +68,7 @@ def fit_once(policy: dict[str, Any], root: Path, args: argparse.Namespace, devic
     if args.channels_last:
         module.model.to(memory_format=torch.channels_last)
     if args.compile:
-        module.compile_parts()
+        module.model.compile()
     data = CachedFeatureDataModule(dm) if policy.get("cache_features") else dm
     timer = EpochTimer()
     trainer = L.Trainer(

@@ -95,31 +95,15 @@ class FineTuneModule(L.LightningModule):
 
     # --- policy ---------------------------------------------------------------------------
 
-    @property
-    def frozen_parts(self) -> list[str]:
-        return self._frozen_parts
-
-    @frozen_parts.setter
-    def frozen_parts(self, frozen: list[str]) -> None:
-        # Count the frozen leading feature parts once per change, not in every forward.
-        self._frozen_parts = frozen
-        names = [n for n in model_parts(self.model) if n != "head"]
-        self.no_grad_parts = next((i for i, n in enumerate(names) if n not in frozen), len(names))
-
-    def compile_parts(self) -> None:
-        """torch.compile each part in place (state-dict keys unchanged).
-
-        Parts, not the whole model: the policy decides per part whether autograd runs,
-        and `forward` calls the parts through `forward_features`/`forward_head`.
-        """
-        for part in model_parts(self.model).values():
-            part.compile()
-
     def train(self, mode: bool = True) -> FineTuneModule:
         super().train(mode)
         if mode:
             set_frozen_eval(self.model, self.frozen_parts, self.policy)
         return self
+
+    def on_train_start(self) -> None:
+        # A run resumed mid-epoch skips on_train_epoch_start for that epoch: apply its policy here too.
+        self.on_train_epoch_start()
 
     def on_train_epoch_start(self) -> None:
         frozen = apply_policy(self.model, self.policy, self.current_epoch)
@@ -131,18 +115,18 @@ class FineTuneModule(L.LightningModule):
     # --- steps ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 2:  # pooled features from CachedFeatureDataModule: only the head runs
+        if x.ndim == 2:  # pooled features (CachedFeatureDataModule's train/val; its test batches are images)
             return self.model.classifier(self.model.dropout(x))
-        features = self.model.forward_features(x, no_grad_parts=self.no_grad_parts)
-        return self.model.forward_head(features)
+        return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         if batch_idx == 0 and self.current_epoch == 0 and x.ndim == 4:
             self._log_samples("samples/train", x)
         logits = self(x)
-        loss = self.criterion(logits, y)
-        self.train_acc(logits, y)
+        loss = self.criterion(logits, y)  # y: labels, or probability targets of mixed images (data.mixup_alpha)
+        # A mixed image counts as its dominant label: train/acc stays defined, though below the unmixed accuracy.
+        self.train_acc(logits, y.argmax(1) if y.ndim == 2 else y)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from finetune.models import EfficientNet
 from finetune.errors import ConfigError
 
-POLICIES = ("full", "frozen", "partial", "gradual")
+POLICIES = ("full", "frozen", "partial", "gradual", "probe")  # probe: finetune/probe.py (no epochs)
 BN_MODES = ("frozen", "train")
 
 
@@ -69,7 +69,7 @@ class FinetunePolicy:
         """Names of the parts that learn during `epoch`."""
         if self.name == "full" or (self.name == "gradual" and epoch >= self.unfreeze_at_epoch):
             return set(part_names)
-        if self.name == "partial" and self.trainable_stages > 0:
+        if self.name == "partial":  # with 0 stages still top + head: partial never degrades to frozen
             stages = [p for p in part_names if p.startswith("stage")]
             return set(stages[len(stages) - self.trainable_stages:]) | {"top", "head"}
         return {"head"}
@@ -107,9 +107,18 @@ class DDPPolicySetup(L.Callback):
     gradual policy unfreezes later, and parameters DDP did not register would then be
     updated from local gradients only, the processes silently drifting apart. So for
     it every parameter is made trainable just before the wrap (the module re-applies
-    the policy each epoch) and DDP must detect unused parameters: trainer=ddp selects
-    the `*_find_unused_parameters_true` strategy, which skips the frozen parts each step.
+    the policy each epoch) and DDP must detect unused parameters: `strategy` turns
+    trainer=ddp into `*_find_unused_parameters_true`, which skips the frozen parts each
+    step, and `on_train_start` refuses a strategy that would not.
     """
+
+    @staticmethod
+    def strategy(strategy: object, policy: FinetunePolicy) -> object:
+        """The Trainer strategy for `policy`: a `ddp*` name gains `_find_unused_parameters_true` when parts unfreeze later."""
+        if (policy.changes_during_training and isinstance(strategy, str) and strategy.startswith("ddp")
+                and "find_unused_parameters" not in strategy):
+            return f"{strategy}_find_unused_parameters_true"
+        return strategy
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.world_size > 1 and pl_module.policy.changes_during_training:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.resources
 import json
 import math
+import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,22 +21,37 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.averaging import FitEMA
 from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable, load_resume_checkpoint
-from finetune.errors import ConfigError, take_debug_flag, user_errors
+from finetune.config_checks import validate_config
+from finetune.errors import ConfigError, take_debug_flag, user_error_types, user_errors
 from finetune.features import CachedFeatureDataModule
 from finetune.guards import FiniteLossGuard
-from finetune.models.scaling import compound
+from finetune.interrupts import GracefulStop, resume_command
+from finetune.models.scaling import VARIANTS, compound
 from finetune.module import FineTuneModule
 from finetune.policies import DDPPolicySetup, FinetunePolicy
+from finetune.reports import TestReport
+from finetune.seeding import RankSeed
+
+# Lightning warns that a mid-epoch checkpoint cannot resume exactly unless its loader is stateful; ours
+# resumes exactly through the datamodule's state (EpochSampler skips the samples already trained on).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 OmegaConf.register_new_resolver("phi_resolution", lambda phi: compound(float(phi)).resolution, replace=True)
+# None for a name that is no variant: validate_config then names model.name in its one-line error.
+OmegaConf.register_new_resolver("variant_resolution", lambda name: getattr(VARIANTS.get(name), "resolution", None),
+                                replace=True)
 
 #: Config groups whose options are files under conf/<group>/; checked before Hydra sees them.
-GROUPS = ("model", "data", "finetune", "optim", "trainer", "logger", "callbacks", "experiment")
+GROUPS = ("model", "data", "finetune", "optim", "trainer", "logger", "callbacks", "experiment", "hparams_search")
 #: Model settings a checkpoint records (FineTuneModule writes them) that its weights depend on.
 RECORDED_MODEL_KEYS = ("padding", "bn_eps", "mean", "std")
 #: Options that add config folders: their groups may hold options only Hydra can list.
@@ -44,7 +61,8 @@ _EXTRA_CONFIG_FLAGS = ("hydra.searchpath", "--config-dir", "-cd", "--config-path
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. b0..b7, lite0..lite4, phi for `model`."""
     folder = importlib.resources.files("conf") / group
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))  # _base.yaml: shared by the options
 
 
 def check_overrides(args: Sequence[str]) -> None:
@@ -67,27 +85,20 @@ def check_overrides(args: Sequence[str]) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Checks that name the config key, made before any data is read or weights are fetched."""
-    mean, std = cfg.data.get("mean"), cfg.data.get("std")
-    if (mean is None) != (std is None):
-        given, other = ("data.mean", "data.std") if mean is not None else ("data.std", "data.mean")
-        raise ConfigError(
-            f"{given} is set but {other} is not; normalisation needs both (e.g. data.mean=[0.5,0.5,0.5] "
-            "data.std=[0.5,0.5,0.5]) or neither (the weights' own)"
-        )
-    resolution = cfg.model.get("resolution")
-    if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 32):
-        raise ConfigError(
-            f"model.resolution must be an integer >= 32 (EfficientNet downsamples 32x), got {resolution!r}; "
-            "e.g. model.resolution=224"
-        )
+    """Every config value checked, in one line naming its key, before any checkpoint, data or weights are read."""
+    validate_config(cfg)
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The datamodule of `cfg.data`; mean/std left null here follow the model's weights later."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data = {k: v for k, v in data.items() if not (k in ("mean", "std") and v is None)}
-    return instantiate(data)
+    try:
+        return instantiate(data, _convert_="all")  # plain lists: checkpoints must load with weights_only=True
+    except InstantiationException as e:  # Hydra's multi-line "Error in call to target" around our one-line errors
+        if isinstance(e.__cause__, user_error_types()):
+            raise e.__cause__ from None
+        raise
 
 
 def build_module(
@@ -133,6 +144,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("compile", None)
+    kwargs.pop("ema_decay", None)  # a callback: build_trainer adds it
     gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
     if kwargs.get("precision") is None:
         # Emulated bf16 (V100, T4) is slower than fp16 autocast: count only native support.
@@ -140,19 +152,18 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
         kwargs["precision"] = ("bf16-mixed" if native_bf16 else "16-mixed") if gpu else "32-true"
     if kwargs.get("benchmark") is None:
         kwargs["benchmark"] = gpu
-    strategy = kwargs.get("strategy")
     policy = FinetunePolicy(**OmegaConf.to_container(cfg.finetune, resolve=True))
-    if (policy.changes_during_training and isinstance(strategy, str) and strategy.startswith("ddp")
-            and "find_unused_parameters" not in strategy):
-        kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"  # see policies.DDPPolicySetup
+    kwargs["strategy"] = DDPPolicySetup.strategy(kwargs.get("strategy"), policy)
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
-    """The Trainer of `cfg.trainer`, with atomic checkpoint files, RNG states in them and a NaN guard."""
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    """The Trainer of `cfg.trainer`: atomic checkpoint files, RNG states in them, a NaN guard, `ema_decay`'s EMA."""
+    loggers = [_keep_earlier_csv(instantiate(c), resuming=bool(cfg.get("ckpt_path"))) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks += [FiniteLossGuard(), RNGStateCallback(), DDPPolicySetup(), *(extra_callbacks or [])]
+    callbacks += [FiniteLossGuard(), RNGStateCallback(), DDPPolicySetup(), TestReport(), *(extra_callbacks or [])]
+    if cfg.trainer.get("ema_decay") is not None:
+        callbacks.append(FitEMA(decay=cfg.trainer.ema_decay))
     trainer = L.Trainer(
         logger=loggers or False,
         callbacks=callbacks,
@@ -162,6 +173,16 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     )
     _check_not_in_local_sweep(trainer)
     return trainer
+
+
+def _keep_earlier_csv(logger: Any, resuming: bool) -> Any:
+    """A resumed run's CSV logger in a fresh version folder: Lightning's would delete the metrics.csv it finds."""
+    if not (resuming and isinstance(logger, CSVLogger) and Path(logger.log_dir, "metrics.csv").is_file()):
+        return logger
+    n = 1
+    while Path(logger.root_dir, f"resumed_{n}").exists():
+        n += 1
+    return CSVLogger(logger.save_dir, name=logger.name, version=f"resumed_{n}")
 
 
 def _check_not_in_local_sweep(trainer: L.Trainer) -> None:
@@ -183,6 +204,9 @@ def _check_not_in_local_sweep(trainer: L.Trainer) -> None:
 def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     """Fit (or resume from `cfg.ckpt_path`), test the best checkpoint, write `metrics.json` into the run directory."""
     check_config(cfg)
+    if cfg.finetune.name == "probe":  # a convex fit on features extracted once, no epochs: see finetune/probe.py
+        from finetune.probe import fit_probe
+        return fit_probe(cfg)
     ckpt_path = cfg.get("ckpt_path")
     resume = load_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(cfg.seed, workers=True)
@@ -191,10 +215,18 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     if resume is not None:
         check_resumable(resume, ckpt_path, module)
     if cfg.trainer.get("compile"):
-        module.compile_parts()
-    trainer = build_trainer(cfg, extra_callbacks)
+        module.model.compile()  # torch.compile in place: state-dict keys unchanged
+    stop = GracefulStop()
+    trainer = build_trainer(cfg, [stop, RankSeed(cfg.seed), *(extra_callbacks or [])])
     fit_data = CachedFeatureDataModule(datamodule) if module.policy.cache_features else datamodule
-    trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # a stop signal: GracefulStop saved the checkpoint
+        if trainer.is_global_zero:
+            where = f"saved {stop.checkpoint}; resume with: {resume_command(sys.argv, stop.checkpoint, cfg.paths.output_dir)}"
+            print(f"stopped by {signal.Signals(stop.received).name} at epoch {trainer.current_epoch}, "
+                  f"step {trainer.global_step}; {where}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_status)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint else ""
@@ -225,8 +257,18 @@ def run_command(hydra_entry: Callable[[], Any]) -> None:
 
 
 def main() -> None:
-    """The `finetune` command: Hydra composes the config and runs `fit`."""
-    run_command(hydra_main)
+    """The `finetune` command: Hydra composes the config and runs `fit`; Optuna runs `hparams_search=<name>` trials."""
+    run_command(_search_or_hydra)
+
+
+def _search_or_hydra() -> None:
+    # Optuna drives `fit` itself: a Hydra sweeper cannot stop a trial mid-training (see finetune/search.py).
+    if any(arg.lstrip("+").startswith("hparams_search=") for arg in sys.argv[1:]):
+        from finetune.search import main as search  # here, not at the top: optuna loads for searches only
+
+        search(sys.argv[1:])
+    else:
+        hydra_main()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")

@@ -97,3 +97,27 @@ def image_tags(tensorboard_dir) -> set[str]:
         acc.Reload()
         tags |= set(acc.Tags()["images"])
     return tags
+
+
+def write_digits_folder(root, per_class: int = 30, size: int = 40, splits=(("train", 0.7), ("val", 0.15), ("test", 0.15))):
+    """A real image folder: scikit-learn's handwritten digits as RGB PNGs, root/<split>/<digit>/<n>.png."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = Path(root)
+    for label in range(10):
+        images = digits.images[digits.target == label][:per_class]
+        start = 0
+        for split, fraction in splits:
+            count = max(1, round(fraction * len(images)))
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for n, image in enumerate(images[start:start + count]):
+                gray = np.rint(image * (255 / 16)).astype(np.uint8)
+                Image.fromarray(gray).convert("RGB").resize((size, size), Image.BILINEAR).save(folder / f"{n}.png")
+            start += count
+    return root

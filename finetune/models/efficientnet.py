@@ -254,23 +254,22 @@ class EfficientNet(nn.Module):
         """Recompute block activations in backward: trades ~30% time for most activation memory."""
         self.grad_checkpointing = enable
 
-    def forward_features(self, x: torch.Tensor, no_grad_parts: int = 0) -> torch.Tensor:
-        """Stem, stages and top conv; the first `no_grad_parts` of those 9 run without autograd.
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, stages and top conv (before pooling).
 
-        Frozen leading layers need no graph: skipping it is what makes frozen and
-        partial fine-tuning cheap in time and memory.
+        Frozen parts need nothing here: with requires_grad=False on their parameters autograd
+        records nothing until the first trainable layer (measured: the same saved tensors and
+        step time as running the frozen prefix under no_grad).
         """
-        layers = [self.stem, *self.stages, self.top]
-        grad = torch.is_grad_enabled()
-        for i, layer in enumerate(layers):
-            with torch.set_grad_enabled(grad and i >= no_grad_parts):
-                if self.grad_checkpointing and torch.is_grad_enabled() and 0 < i < len(layers) - 1:
-                    for block in layer:
-                        x = checkpoint(block, x, use_reentrant=False,
-                                       context_fn=lambda b=block: (nullcontext(), _keep_norm_stats(b)))
-                else:
-                    x = layer(x)
-        return x
+        x = self.stem(x)
+        for stage in self.stages:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                for block in stage:
+                    x = checkpoint(block, x, use_reentrant=False,
+                                   context_fn=lambda b=block: (nullcontext(), _keep_norm_stats(b)))
+            else:
+                x = stage(x)
+        return self.top(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x).flatten(1)
