@@ -1,7 +1,7 @@
 """Does the data starve the model? End-to-end images/s against the model-only step.
 
 The real `CIFAR100DataModule` reads CIFAR-100-format files this script writes, batches
-go to the device, `gpu_transform` crops, flips, resizes and normalises them there, and
+go to the device, `device_transform` crops, flips, resizes and normalises them there, and
 our model takes a train step. The model-only case repeats the step on one batch that is
 already transformed on the device. Both data paths are measured: CPU workers (uint8
 batches, pinned, copied per step) and device-resident (uint8 splits on the device,
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worker_batches = cycle(workers.train_dataloader())
         resident_batches = cycle(resident.train_dataloader())
         images, labels = next(resident_batches)
-        fixed = (workers.gpu_transform(images, train=True), labels)
+        fixed = (workers.device_transform(images, train=True), labels)
 
         def case(batches: Any | None, dm: CIFAR100DataModule, step: bool) -> Callable[[], int]:
             def run() -> int:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         images, y = next(batches)
                         images = images.to(device, non_blocking=True)
                         y = y.to(device, non_blocking=True)
-                        x = dm.gpu_transform(images, train=True)
+                        x = dm.device_transform(images, train=True)
                     if step:
                         train_step(x, y)
                 return args.steps * args.batch_size

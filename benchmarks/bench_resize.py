@@ -3,7 +3,7 @@
 "CPU workers" is the classic pipeline: each worker turns an image into PIL, resizes it
 with torchvision's Resize and hands over a full-resolution uint8 tensor, which is then
 copied to the device and normalised there. "Device" is ours: workers hand over the 32 px
-uint8 tensor and `gpu_transform` resizes and normalises the batch on the device. Both are
+uint8 tensor and `device_transform` resizes and normalises the batch on the device. Both are
 timed from the DataLoader to a normalised batch on the device, for each worker count;
 "per worker" divides by the number of processes doing the loading.
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Any in-memory datamodule's device transform; only its resolution and normalisation matter here.
     transform = DigitsDataModule(num_workers=0, resolution=args.resolution, channels_last=args.channels_last)
     sources = {"CPU workers (PIL Resize)": PILResizeDataset(images, labels, args.resolution),
-               "device (gpu_transform)": InMemoryImageDataset(images, labels)}
+               "device (device_transform)": InMemoryImageDataset(images, labels)}
 
     def case(dataset: Dataset, workers: int) -> Callable[[], int]:
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def run() -> int:
             for _ in range(args.batches):
                 x, _ = next(batches)
-                transform.gpu_transform(x.to(device, non_blocking=True), train=False)
+                transform.device_transform(x.to(device, non_blocking=True), train=False)
             return args.batches * args.batch_size
 
         return run
@@ -88,12 +88,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def device_only() -> int:  # the device's own work on a batch already there
         for _ in range(args.batches):
-            transform.gpu_transform(resident, train=False)
+            transform.device_transform(resident, train=False)
         return args.batches * args.batch_size
 
     cases: dict[tuple[str, int | str], Callable[[], int]] = {
         ("CPU: PIL Resize only, one process", 1): one_worker,
-        ("device: gpu_transform only, batch on device", "-"): device_only,
+        ("device: device_transform only, batch on device", "-"): device_only,
     }
     cases |= {(where, workers): case(dataset, workers) for workers in args.workers for where, dataset in sources.items()}
     rates, others = interleaved(cases, repeats=args.repeats, warmup=args.warmup, device=device)

@@ -3,13 +3,14 @@
 Workers only decode and produce uint8 tensors: uint8 is a quarter of the bytes of
 float32 through pinned memory and the host-to-device copy, and per-pixel work
 (augmentation of in-memory datasets, resize, normalisation) is far cheaper on the
-accelerator than on a few CPU cores. `gpu_transform` is that device half; Lightning
+accelerator than on a few CPU cores. `device_transform` is that device half; Lightning
 runs it through `on_after_batch_transfer`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -160,7 +161,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
 
     Subclasses provide `_read_class_names`, `_build_split` and `has_test`; those holding
     small images in memory set `device_pad`/`device_flip` to get the vectorised random
-    translation (+ flip) in `gpu_transform` instead of per-image CPU transforms.
+    translation (+ flip) in `device_transform` instead of per-image CPU transforms.
     """
 
     #: Zero padding (pixels, at native size) for the device-side random translation; 0 = none.
@@ -339,6 +340,12 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self._train_skip = int(state_dict.get("train_samples_done", 0))
 
     def gpu_transform(self, images: Tensor, train: bool) -> Tensor:
+        """The old name of `device_transform`, kept for one release."""
+        warnings.warn("gpu_transform is now device_transform (it runs on the CPU too); the old name goes in the "
+                      "next release", FutureWarning, stacklevel=2)
+        return self.device_transform(images, train)
+
+    def device_transform(self, images: Tensor, train: bool) -> Tensor:
         """uint8 B×C×H×W batch -> normalised float32 B×C×res×res (channels_last if enabled).
 
         Training batches also get `auto_augment` (per image, on uint8 at native size, after
@@ -346,7 +353,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         normalisation, so an erased box holds the mean colour).
         """
         if images.dtype != torch.uint8:
-            raise TypeError(f"gpu_transform expects uint8 images, got {images.dtype}")
+            raise TypeError(f"device_transform expects uint8 images, got {images.dtype}")
         if train and self.augment and (self.device_pad or self.device_flip):
             images = random_translate_flip(images, self.device_pad, self.device_flip)
         if train and self._auto_augment is not None:
@@ -380,7 +387,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         images, labels = batch
         if isinstance(images, EncodedImages):  # labels change where a stand-in replaced an unreadable file
             images, labels = self.dataset(images.split).decode_batch(images, labels)
-        x = self.gpu_transform(images, train=train)
+        x = self.device_transform(images, train=train)
         if train and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
             if self._mixer is None:
                 self._mixer = batch_mixer(self.mixup_alpha, self.cutmix_alpha, self.num_classes)

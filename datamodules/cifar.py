@@ -1,7 +1,7 @@
 """CIFAR-10/100 held in memory as one uint8 tensor, augmented on the device.
 
 At 32×32 the per-image CPU cost of PIL transforms would dominate, so workers only index
-a tensor; crop-with-padding + flip run batched in `gpu_transform` at native size,
+a tensor; crop-with-padding + flip run batched in `device_transform` at native size,
 before the upsampling to the network resolution.
 
 With `device_resident` the uint8 splits live on the accelerator itself (CIFAR-100's
@@ -55,7 +55,7 @@ class DeviceBatches:
     The order is its sampler's, the same sampler the worker path's DataLoader would get
     (seeded per epoch, sharded under DDP), so both paths yield the same batches. Lightning
     iterates it like a DataLoader: it finds `set_epoch` on `sampler`, and
-    `on_after_batch_transfer` still runs `gpu_transform` on each (already on-device) batch.
+    `on_after_batch_transfer` still runs `device_transform` on each (already on-device) batch.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: Sampler[int]) -> None:

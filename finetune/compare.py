@@ -33,6 +33,7 @@ import hydra
 import lightning as L
 import psutil
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -189,8 +190,11 @@ def switch_option(cfg: DictConfig, group: str, option: str) -> DictConfig:
 
 
 def option_node(group: str, option: str) -> DictConfig:
-    """conf/<group>/<option>.yaml as Hydra composes it into `group`: the same-group files its defaults list, then itself."""
-    text = (importlib.resources.files("conf") / group / f"{option}.yaml").read_text()
+    """conf/<group>/<option>.yaml as Hydra composes it into `group`: the same-group options its defaults list, then itself."""
+    source = importlib.resources.files("conf") / group / f"{option}.yaml"
+    if not source.is_file():  # a node registered from Python (finetune.config_store), e.g. optim/_defaults
+        return OmegaConf.create(ConfigStore.instance().load(f"{group}/{option}.yaml").node)
+    text = source.read_text()
     node = OmegaConf.create(text)
     defaults = list(node.pop("defaults", []))
     if text.startswith("# @package _global_"):  # finetune/probe.yaml: the group's values sit under its name
@@ -375,7 +379,7 @@ def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) ->
     picks = [val[i] for i in range(min(int(cfg.compare.cam_images), len(val)))]
     images = torch.stack([img for img, _ in picks])
     labels = torch.stack([torch.as_tensor(label) for _, label in picks])
-    x = datamodule.gpu_transform(images, train=False)
+    x = datamodule.device_transform(images, train=False)
     cams = {p: grad_cam(m.model, x, labels) for p, m in modules.items()}
     names = [datamodule.class_names[int(i)] for i in labels]
     shown = preprocessing.denormalize(x)  # exactly what the networks saw

@@ -37,7 +37,7 @@ from finetune.models import MODEL_NAMES, VARIANTS
 from finetune.models.efficientnet import BASE_STAGES, PADDINGS
 from finetune.models.sources import LITE_PACKAGES, TIMM_DEFAULTS
 from finetune.module import DEFAULT_OPTIM, OPTIMIZERS, SCHEDULERS
-from finetune.policies import BN_MODES, POLICIES, FinetunePolicy
+from finetune.policies import BN_MODES, POLICIES, RENAMED_BN_MODES, FinetunePolicy
 
 # --------------------------------------------------------------------------- tables
 
@@ -101,7 +101,7 @@ FINETUNE: dict[str, Rule] = {
     "name": name("finetune policy", POLICIES),
     "trainable_stages": integer(0, NUM_STAGES),
     "unfreeze_at_epoch": integer(0),
-    "bn": one_of(*BN_MODES),
+    "bn": one_of(*BN_MODES, *RENAMED_BN_MODES),
     "cache_features": BOOL,
 }
 

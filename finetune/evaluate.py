@@ -163,7 +163,7 @@ def split_predictions(checkpoint: str | Path, cfg: DictConfig, split: str = "val
         raise ConfigError(f"'{checkpoint}' was trained on other classes than {cfg.data._target_} at {cfg.data.get('root')}")
     datamodule.set_preprocessing(module.preprocessing)
     dataset = datamodule.dataset(split)
-    transform = partial(datamodule.gpu_transform, train=False)
+    transform = partial(datamodule.device_transform, train=False)
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     probs, labels = predict(module, loader, partial(datamodule.device_batch, train=False))  # decode=device too
     files = getattr(dataset, "files", None)

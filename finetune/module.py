@@ -198,9 +198,18 @@ class FineTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+#: The one source of the optim defaults (conf/optim/*.yaml start from it and set only what differs).
 DEFAULT_OPTIM: dict[str, Any] = {
-    "name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "momentum": 0.9,
-    "backbone_lr_scale": None, "layer_decay": 1.0, "scheduler": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.01,
+    "name": "adamw",            # adamw | sgd (Nesterov) | rmsprop (TF-style)
+    "lr": 1e-3,                 # the head's; backbone parts learn at lr * backbone_lr_scale
+    "weight_decay": 0.01,       # not applied to norms and biases
+    "betas": (0.9, 0.999),      # adamw
+    "momentum": 0.9,            # sgd, rmsprop
+    "backbone_lr_scale": None,  # None: 0.1 with pretrained weights, 1.0 from scratch
+    "layer_decay": 1.0,         # < 1: parts further from the head learn slower still
+    "scheduler": "cosine",      # cosine | constant
+    "warmup_epochs": 0.0,
+    "min_lr_ratio": 0.01,       # cosine decays to lr * min_lr_ratio
 }
 
 

@@ -9,6 +9,7 @@ fine-tuning.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -19,7 +20,9 @@ from finetune.models import EfficientNet
 from finetune.errors import ConfigError
 
 POLICIES = ("full", "frozen", "partial", "gradual", "probe")  # probe: finetune/probe.py (no epochs)
-BN_MODES = ("frozen", "train")
+BN_MODES = ("eval", "train")
+#: Old `finetune.bn` values, accepted with a FutureWarning for one release: `frozen` named a policy, not a BatchNorm mode.
+RENAMED_BN_MODES = {"frozen": "eval"}
 
 
 def model_parts(model: EfficientNet) -> dict[str, nn.Module]:
@@ -41,21 +44,25 @@ class FinetunePolicy:
     name: str = "full"
     trainable_stages: int = 2
     unfreeze_at_epoch: int = 1
-    bn: str = "frozen"
+    bn: str = "eval"
     cache_features: bool = False
 
     def validate(self, num_stages: int) -> FinetunePolicy:
         if self.name not in POLICIES:
             raise ConfigError(f"unknown finetune policy '{self.name}'; valid: {', '.join(POLICIES)}")
+        if self.bn in RENAMED_BN_MODES:
+            warnings.warn(f"finetune.bn={self.bn} is now finetune.bn={RENAMED_BN_MODES[self.bn]}; the old value goes in the "
+                          "next release", FutureWarning, stacklevel=2)
+            object.__setattr__(self, "bn", RENAMED_BN_MODES[self.bn])
         if self.bn not in BN_MODES:
             raise ConfigError(f"finetune.bn must be one of {', '.join(BN_MODES)}, got '{self.bn}'")
         if self.name == "partial" and not (isinstance(self.trainable_stages, int) and 0 <= self.trainable_stages <= num_stages):
             raise ConfigError(f"finetune.trainable_stages must be an integer in 0..{num_stages}, got {self.trainable_stages!r}")
         if self.name == "gradual" and not (isinstance(self.unfreeze_at_epoch, int) and self.unfreeze_at_epoch >= 0):
             raise ConfigError(f"finetune.unfreeze_at_epoch must be an integer >= 0, got {self.unfreeze_at_epoch!r}")
-        if self.cache_features and (self.name != "frozen" or self.bn != "frozen"):
+        if self.cache_features and (self.name != "frozen" or self.bn != "eval"):
             raise ConfigError(
-                f"finetune.cache_features=true needs finetune=frozen with bn=frozen (got {self.name}, bn={self.bn}): "
+                f"finetune.cache_features=true needs finetune=frozen with bn=eval (got {self.name}, bn={self.bn}): "
                 "only an unchanging backbone gives features worth caching"
             )
         return self

@@ -44,7 +44,7 @@ from finetune.errors import ConfigError
 from finetune.models import EfficientNet
 
 #: The policy a probe checkpoint records: its weights are exactly a frozen backbone under a trained head.
-CHECKPOINT_POLICY = {"name": "frozen", "trainable_stages": 0, "unfreeze_at_epoch": 0, "bn": "frozen", "cache_features": False}
+CHECKPOINT_POLICY = {"name": "frozen", "trainable_stages": 0, "unfreeze_at_epoch": 0, "bn": "eval", "cache_features": False}
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.averaging import FitEMA
 from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable, load_resume_checkpoint
 from finetune.config_checks import validate_config
+from finetune.config_store import register_defaults
 from finetune.errors import ConfigError, take_debug_flag, user_error_types, user_errors
 from finetune.features import CachedFeatureDataModule
 from finetune.guards import FiniteLossGuard
@@ -45,6 +46,7 @@ from finetune.seeding import RankSeed
 # resumes exactly through the datamodule's state (EpochSampler skips the samples already trained on).
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
+register_defaults()  # optim/_defaults, finetune/_defaults: before Hydra composes anything
 OmegaConf.register_new_resolver("phi_resolution", lambda phi: compound(float(phi)).resolution, replace=True)
 # None for a name that is no variant: validate_config then names model.name in its one-line error.
 OmegaConf.register_new_resolver("variant_resolution", lambda name: getattr(VARIANTS.get(name), "resolution", None),

@@ -78,7 +78,7 @@ def test_auto_augment_and_erasing_are_drawn_per_image(key: dict) -> None:
     dm = DigitsDataModule(**DIGITS, augment=False, **key)
     copies = dm.dataset("train").images[:1].repeat(32, 1, 1, 1)
     torch.manual_seed(0)
-    out = dm.gpu_transform(copies, train=True)
+    out = dm.device_transform(copies, train=True)
     assert len({image.numpy().tobytes() for image in out}) >= 16
 
 

@@ -122,12 +122,12 @@ def error_of(*overrides: str, name: str = "train") -> str:
         # finetune
         (["finetune=partial", "finetune.trainable_stages=99"], "finetune.trainable_stages must be an integer in 0..7, got 99"),
         (["finetune.unfreeze_at_epoch=-1"], "finetune.unfreeze_at_epoch must be an integer >= 0, got -1"),
-        (["finetune.bn=eval"], "finetune.bn must be one of frozen, train, got 'eval'"),
+        (["finetune.bn=fixed"], "finetune.bn must be one of eval, train, frozen, got 'fixed'"),
         (["finetune.name=halfway"], "finetune.name: unknown finetune policy 'halfway'; valid: full, frozen, partial, gradual"),
         (["finetune.cache_features=yes"], "finetune.cache_features must be true or false, got 'yes'"),
         (["finetune=frozen", "finetune.cache_features=true"], "finetune.cache_features=true needs data.augment=false"),
         (["finetune=full", "finetune.cache_features=true", "data.augment=false"],
-         "finetune.cache_features=true needs finetune=frozen with bn=frozen (got full, bn=frozen)"),
+         "finetune.cache_features=true needs finetune=frozen with bn=eval (got full, bn=eval)"),
         (["+finetune.lr=0.1"], "finetune.lr is unknown; valid finetune settings: bn, cache_features, name,"),
         # optim
         (["optim.name=lamb"], "optim.name: unknown optimizer 'lamb'; valid: adamw, sgd, rmsprop"),

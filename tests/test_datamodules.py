@@ -245,14 +245,14 @@ def test_cifar_device_augmentation(cifar100_root: Path) -> None:
     dm = CIFAR100DataModule(root=str(cifar100_root), num_workers=0, batch_size=32, resolution=48)
     images, _ = first_batch(dm.train_dataloader())
     torch.manual_seed(0)
-    augmented = dm.gpu_transform(images, train=True)
+    augmented = dm.device_transform(images, train=True)
     torch.manual_seed(0)
-    assert torch.equal(augmented, dm.gpu_transform(images, train=True))  # seed_everything suffices
-    assert not torch.equal(augmented, dm.gpu_transform(images, train=False))
+    assert torch.equal(augmented, dm.device_transform(images, train=True))  # seed_everything suffices
+    assert not torch.equal(augmented, dm.device_transform(images, train=False))
     assert augmented.shape == (32, 3, 48, 48)
 
     plain = CIFAR100DataModule(root=str(cifar100_root), num_workers=0, augment=False, resolution=48)
-    assert torch.equal(plain.gpu_transform(images, train=True), plain.gpu_transform(images, train=False))
+    assert torch.equal(plain.device_transform(images, train=True), plain.device_transform(images, train=False))
 
 
 def _epoch_batches(loader: object, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -344,11 +344,11 @@ def test_random_translate_flip_is_a_shifted_possibly_mirrored_copy() -> None:
         assert not torch.equal(out, images)
 
 
-def test_gpu_transform_normalises_exactly() -> None:
+def test_device_transform_normalises_exactly() -> None:
     dm = DigitsDataModule(num_workers=0, resolution=16)
     value = 200
     images = torch.full((2, 3, 8, 8), value, dtype=torch.uint8)
-    out = dm.gpu_transform(images, train=False)
+    out = dm.device_transform(images, train=False)
     assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     for c in range(3):
@@ -356,12 +356,12 @@ def test_gpu_transform_normalises_exactly() -> None:
         assert torch.allclose(out[:, c], torch.full_like(out[:, c], expected), atol=1e-6)
 
     big = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
-    down = dm.gpu_transform(big, train=False)  # downsampling path (antialiased)
+    down = dm.device_transform(big, train=False)  # downsampling path (antialiased)
     assert down.shape == (2, 3, 16, 16)
     assert abs(down.mean().item() - (big.float().mean().item() / 255 - 0.456) / 0.225) < 0.05
 
     flat = DigitsDataModule(num_workers=0, resolution=8, channels_last=False, mean=(0, 0, 0), std=(1, 1, 1))
-    assert torch.equal(flat.gpu_transform(big[:, :, :8, :8], train=False), big[:, :, :8, :8].float() / 255)
+    assert torch.equal(flat.device_transform(big[:, :, :8, :8], train=False), big[:, :, :8, :8].float() / 255)
 
 
 # --------------------------------------------------------------------------- digits
@@ -415,7 +415,7 @@ def test_flowers_official_splits(flowers_root: Path) -> None:
     assert dm.dataset("val").labels.tolist() == [0, 1, 101]  # 1-based .mat labels -> 0-based
     images, labels = first_batch(dm.test_dataloader())
     assert_worker_batch(images, labels, 32, 3)
-    out = dm.gpu_transform(images, train=False)
+    out = dm.device_transform(images, train=False)
     assert out.shape == (3, 3, 32, 32) and out.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -668,16 +668,16 @@ def test_cifar_resident_and_worker_paths_train_on_the_same_batches(cifar100_root
     assert all(torch.equal(a, b) for a, b in zip(labels, expected))
 
 
-def test_trainer_applies_gpu_transform_with_training_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trainer_applies_device_transform_with_training_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     dm = DigitsDataModule(num_workers=0, batch_size=16, resolution=12)
     flags: list[bool] = []
-    original = dm.gpu_transform
+    original = dm.device_transform
 
     def spy(images: torch.Tensor, train: bool) -> torch.Tensor:
         flags.append(train)
         return original(images, train)
 
-    monkeypatch.setattr(dm, "gpu_transform", spy)
+    monkeypatch.setattr(dm, "device_transform", spy)
     model = _Probe(3 * 12 * 12)
     trainer = L.Trainer(
         accelerator="cpu",

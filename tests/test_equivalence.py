@@ -79,7 +79,7 @@ def test_channels_last_gives_the_same_loss_and_grads() -> None:
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize(("size", "resolution"), [(8, 48), (32, 224), (40, 16)])
 def test_device_transform_matches_torchvision_resize(size: int, resolution: int, interpolation: str) -> None:
-    """`gpu_transform` (float resize) vs torchvision v2: the same arithmetic, and within one grey level of uint8.
+    """`device_transform` (float resize) vs torchvision v2: the same arithmetic, and within one grey level of uint8.
 
     torchvision resizes a uint8 tensor in fixed point and rounds to uint8, which moves a
     pixel by up to one grey level (1/255 before normalisation); that is the tolerance.
@@ -94,7 +94,7 @@ def test_device_transform_matches_torchvision_resize(size: int, resolution: int,
     to_float = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     to_float_clamped = v2.Compose([v2.ToDtype(torch.float32, scale=True), lambda x: resize(x).clamp(0, 1),
                                    v2.Normalize(MEAN, STD)])
-    ours = dm.gpu_transform(images, train=False)
+    ours = dm.device_transform(images, train=False)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     references = [(to_float_clamped(images), 1e-3)]
     if interpolation == "bilinear":  # uint8 bicubic clamps between its two passes: on noise that is many grey levels
@@ -107,8 +107,8 @@ def test_device_transform_matches_torchvision_resize(size: int, resolution: int,
 
 def test_device_transform_channels_last_is_the_same_tensor() -> None:
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    contiguous = DigitsDataModule(num_workers=0, resolution=96, channels_last=False).gpu_transform(images, train=False)
-    strided = DigitsDataModule(num_workers=0, resolution=96, channels_last=True).gpu_transform(images, train=False)
+    contiguous = DigitsDataModule(num_workers=0, resolution=96, channels_last=False).device_transform(images, train=False)
+    strided = DigitsDataModule(num_workers=0, resolution=96, channels_last=True).device_transform(images, train=False)
     assert strided.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(contiguous, strided)
 

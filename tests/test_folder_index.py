@@ -276,7 +276,7 @@ class Features(L.Callback):
         model = pl_module.model.eval()
         with torch.no_grad():
             images = torch.stack([data.source.dataset("train")[i][0] for i in range(len(cached[0]))])
-            direct = model.forward_head(model.forward_features(data.source.gpu_transform(images, train=False)), True)
+            direct = model.forward_head(model.forward_features(data.source.device_transform(images, train=False)), True)
         (Path(trainer.default_root_dir) / "direct.json").write_text(json.dumps((direct - cached[0]).abs().max().item()))
 
 with initialize_config_module("conf", version_base="1.3"):

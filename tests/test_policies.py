@@ -108,7 +108,7 @@ def test_param_groups_are_named_made_once_and_cover_every_parameter():
         ({"name": "half"}, "unknown finetune policy 'half'; valid: full, frozen, partial, gradual"),
         ({"name": "partial", "trainable_stages": 8}, "trainable_stages must be an integer in 0..7, got 8"),
         ({"name": "partial", "trainable_stages": -1}, "trainable_stages must be an integer in 0..7"),
-        ({"name": "frozen", "bn": "eval"}, "finetune.bn must be one of frozen, train"),
+        ({"name": "frozen", "bn": "fixed"}, "finetune.bn must be one of eval, train"),
         ({"name": "gradual", "unfreeze_at_epoch": -2}, "unfreeze_at_epoch must be an integer >= 0"),
     ],
 )
@@ -122,3 +122,17 @@ def test_model_parts_cover_the_model():
     parts = model_parts(module.model)
     assert list(parts) == PARTS
     assert sum(p.numel() for m in parts.values() for p in m.parameters()) == sum(p.numel() for p in module.model.parameters())
+
+
+def test_renamed_bn_mode_still_works_with_a_warning() -> None:
+    with pytest.warns(FutureWarning, match="finetune.bn=frozen is now finetune.bn=eval"):
+        policy = FinetunePolicy(name="partial", bn="frozen").validate(7)
+    assert policy.bn == "eval"
+
+
+def test_renamed_device_transform_still_works_with_a_warning() -> None:
+    dm = DigitsDataModule(num_workers=0, resolution=16)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    with pytest.warns(FutureWarning, match="gpu_transform is now device_transform"):
+        old = dm.gpu_transform(images, train=False)
+    assert torch.equal(old, dm.device_transform(images, train=False))
