@@ -24,12 +24,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset, drop_unreadable
+from datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset
+from datamodules.index import scan
 from finetune.errors import ConfigError, user_errors
 from finetune.models.preprocessing import Preprocessing
 from finetune.module import FineTuneModule
@@ -134,18 +136,12 @@ def labelled_folder(inputs: list[str], names: list[str]) -> Path | None:
 def folder_predictions(module: FineTuneModule, folder: Path, batch_size: int = 32, num_workers: int = 0) -> Predictions:
     """Predictions over `folder/<class>/**/<image>`, labelled by the checkpoint's class order."""
     names = class_names(module)
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(names):
-        class_folder = folder / name
-        if class_folder.is_dir():
-            found = sorted(p for p in class_folder.rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
-            files += found
-            labels += [label] * len(found)
-    if not files:
+    index = scan(folder, IMAGE_EXTENSIONS)  # the image-folder datamodule's own listing, decoding nothing
+    if not len(index.paths):
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of '{folder}'")
-    files, labels = drop_unreadable(files, labels, skip_corrupt=False)
+    # Class folders are the checkpoint's classes (labelled_folder checked), maybe fewer of them.
+    files, labels = index.paths, np.array([names.index(c) for c in index.classes])[index.class_ids]
+    # Unreadable files are named when a worker reads them: no decode-everything pass first.
     preprocessing = module.preprocessing  # what training fed the network, as its checkpoint recorded
     dataset = ImageFileDataset(files, labels, preprocessing.eval_transform())
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -222,8 +218,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 def list_predictions(module: FineTuneModule, inputs: list[str], top_k: int, csv_path: Path | None,
                      batch_size: int, num_workers: int) -> None:
     """Top-k (class, probability) per image as tab-separated rows; also to `csv_path` if given."""
-    paths = image_paths(inputs)
-    paths, _ = drop_unreadable(paths, [-1] * len(paths), skip_corrupt=False)
+    paths = image_paths(inputs)  # an unreadable one is named when it is read
     preprocessing = module.preprocessing
     dataset = ImageFileDataset(paths, [-1] * len(paths), preprocessing.eval_transform())
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
