@@ -11,6 +11,8 @@ extracts a contiguous share of the images and `all_gather` hands every process a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 
 from datamodules.base import ImageClassificationDataModule, Split
 from finetune.errors import ConfigError
+from finetune.models import EfficientNet
 
 #: Feature rows per all_gather call: bounds the device memory the gather takes (a share times the processes).
 _GATHER_ROWS = 8192
@@ -80,19 +83,10 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
         mine = range(start, min(start + share, len(dataset)))
         was_training = model.training
         model.eval()
-        # Its own generator: a loader without one draws its seed from the global RNG, which
-        # would shift every later dropout mask and break equality with uncached training.
-        loader = DataLoader(Subset(dataset, mine), batch_size=max(self.batch_size, 64), shuffle=False,
-                            num_workers=self.source.loader_workers, pin_memory=self.source.pin_memory,
-                            generator=torch.Generator().manual_seed(0), collate_fn=getattr(dataset, "collate_fn", None))
-        features = torch.zeros(share, model.num_features)
+        mine_features, mine_labels = pooled_features(model, self.source, split, module.device, indices=mine)
+        features = torch.zeros(share, model.num_features)  # equal shares for all_gather: the last one padded
         labels = torch.zeros(share, dtype=torch.int64)
-        done = 0
-        for batch in tqdm(loader, desc=f"caching {split} features", leave=False):
-            x, y = self.source.device_batch(move_data_to_device(batch, module.device), train=False)
-            features[done:done + len(y)] = model.forward_head(model.forward_features(x), pre_logits=True).float().cpu()
-            labels[done:done + len(y)] = y.cpu()
-            done += len(y)
+        features[:len(mine_labels)], labels[:len(mine_labels)] = mine_features, mine_labels
         model.train(was_training)
         if trainer.world_size > 1:
             features, labels = self._gather(features), self._gather(labels)
@@ -106,3 +100,29 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
             piece = share[begin:begin + _GATHER_ROWS].to(strategy.root_device)
             out[:, begin:begin + _GATHER_ROWS] = strategy.all_gather(piece).cpu()
         return out.flatten(0, 1)
+
+
+@torch.no_grad()
+def pooled_features(
+    model: EfficientNet, source: ImageClassificationDataModule, split: Split, device: torch.device,
+    indices: Sequence[int] | None = None, precision: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[Tensor, Tensor]:
+    """Pooled penultimate features (float32, on the CPU) and labels of a split, in order, through the eval transform.
+
+    Shared by cached-feature training and the linear probe. The loader has its own generator:
+    one without draws its workers' seed from the global RNG, which would shift every later
+    dropout mask and break equality with uncached training.
+    """
+    dataset = source.dataset(split)
+    loader = DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=max(source.batch_size, 64),
+                        shuffle=False, num_workers=source.loader_workers, pin_memory=source.pin_memory,
+                        generator=torch.Generator().manual_seed(0), collate_fn=getattr(dataset, "collate_fn", None))
+    features, labels = [], []
+    for batch in tqdm(loader, desc=f"{split} features", leave=False):
+        x, y = source.device_batch(move_data_to_device(batch, device), train=False)
+        with precision():
+            features.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+        labels.append(y.cpu())
+    empty = (torch.zeros(0, model.num_features), torch.zeros(0, dtype=torch.int64))
+    return (torch.cat(features), torch.cat(labels)) if features else empty
+

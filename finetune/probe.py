@@ -31,17 +31,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from datamodules.base import ImageClassificationDataModule, Split
+from datamodules.base import Split
 from finetune.checkpointing import atomic_save
 from finetune.errors import ConfigError
-from finetune.models import EfficientNet
+from finetune.features import pooled_features
 
 #: The policy a probe checkpoint records: its weights are exactly a frozen backbone under a trained head.
 CHECKPOINT_POLICY = {"name": "frozen", "trainable_stages": 0, "unfreeze_at_epoch": 0, "bn": "eval", "cache_features": False}
@@ -93,24 +90,6 @@ class ProbeSettings:
         if self.l2_steps == 1:
             return [self.l2_max]
         return torch.logspace(math.log10(self.l2_max), math.log10(self.l2_min), self.l2_steps, dtype=torch.float64).tolist()
-
-
-@torch.no_grad()
-def extract_features(
-    model: EfficientNet, datamodule: ImageClassificationDataModule, split: Split, fabric: L.Fabric
-) -> tuple[Tensor, Tensor]:
-    """Pooled penultimate features of a split, computed once on `fabric`'s device with the evaluation transform."""
-    dataset = datamodule.dataset(split)
-    loader = DataLoader(dataset, batch_size=max(datamodule.batch_size, 64), shuffle=False,
-                        num_workers=datamodule.loader_workers, pin_memory=datamodule.pin_memory,
-                        collate_fn=getattr(dataset, "collate_fn", None))
-    features, labels = [], []
-    for batch in tqdm(loader, desc=f"probe: {split} features", leave=False):
-        x, y = datamodule.device_batch(move_data_to_device(batch, fabric.device), train=False)
-        with fabric.autocast():
-            features.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
-        labels.append(y)
-    return torch.cat(features), torch.cat(labels)
 
 
 def fit_logistic(
@@ -209,8 +188,8 @@ def fit_probe(cfg: DictConfig) -> dict[str, Any]:
     dtype = torch.float32 if fabric.device.type == "mps" else torch.float64
     features = {}
     for split in splits:
-        x, y = extract_features(model, datamodule, split, fabric)
-        features[split] = (x.to(dtype), y)
+        x, y = pooled_features(model, datamodule, split, fabric.device, precision=fabric.autocast)
+        features[split] = (x.to(fabric.device, dtype), y.to(fabric.device))
     (weight, bias), best, path = regularisation_path(features["train"], features["val"], datamodule.num_classes, settings)
 
     with torch.no_grad():
