@@ -46,9 +46,9 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from common import OtherProcessesCpu, add_common_args, interleaved, median, paired_ratios, report, setup_device
-from datamodules import ImageFolderDataModule
-from datamodules.device_decode import EncodedImageFileDataset
-from datamodules.images import ImageFileDataset, worker_transform
+from finetune.datamodules import ImageFolderDataModule
+from finetune.datamodules.device_decode import EncodedImageFileDataset
+from finetune.datamodules.images import ImageFileDataset, worker_transform
 from finetune.models.preprocessing import Preprocessing
 
 SCRIPT = "bench_folder.py"

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from common import add_common_args, autocast, cycle, interleaved, median, report, setup_device, write_cifar100
-from datamodules import CIFAR100DataModule
+from finetune.datamodules import CIFAR100DataModule
 from finetune.models import create_model
 
 SCRIPT = "bench_pipeline.py"

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 
 from common import OtherProcessesCpu, PeakMemory, add_common_args, median, report, setup_device, synchronize, write_cifar100
-from datamodules import CIFAR100DataModule
+from finetune.datamodules import CIFAR100DataModule
 from finetune.features import CachedFeatureDataModule
 from finetune.module import FineTuneModule
 

@@ -26,8 +26,8 @@ from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 
 from common import add_common_args, cycle, interleaved, median, report, setup_device
-from datamodules import DigitsDataModule
-from datamodules.base import InMemoryImageDataset
+from finetune.datamodules import DigitsDataModule
+from finetune.datamodules.base import InMemoryImageDataset
 
 SCRIPT = "bench_resize.py"
 COLUMNS = ["resize in", "workers", "img/s", "img/s per worker", "bytes/img to device", "res", "batch"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import numpy as np
@@ -23,9 +23,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.v2 import Transform
 
-from datamodules.augment import AUTO_AUGMENT, auto_augment_policy, batch_mixer, erase_per_image, per_image
-from datamodules.device_decode import EncodedImages
-from finetune.errors import ConfigError
+from finetune.config_rules import BOOL, PATH, SEED, Rule, either, hinted, integer, number, numbers, one_of, optional
+from finetune.datamodules.augment import AUTO_AUGMENT, auto_augment_policy, batch_mixer, erase_per_image, per_image
+from finetune.datamodules.device_decode import EncodedImages
 from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 Split = Literal["train", "val", "test"]
@@ -168,6 +168,36 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     device_pad: int = 0
     #: Whether the device-side augmentation also flips horizontally.
     device_flip: bool = False
+    #: What each constructor keyword must be: the one table behind both the constructor's checks and
+    #: `validate_config`'s, which reads it from `data._target_` before any data is read. A subclass lists
+    #: its own keywords, or a stricter rule for one of its base's (see `settings`).
+    SETTINGS: ClassVar[Mapping[str, Rule]] = {
+        "root": PATH,
+        "download": BOOL,
+        "batch_size": integer(1),
+        "num_workers": hinted(either(integer(0), one_of("auto")), "e.g. data.num_workers=auto"),
+        "resolution": integer(1),
+        "mean": numbers(3, number(0, 1), "[0.5,0.5,0.5]"),
+        "std": numbers(3, number(0, lo_open=True), "[0.5,0.5,0.5]"),
+        "augment": BOOL,
+        "seed": SEED,
+        "pin_memory": optional(BOOL),
+        "persistent_workers": BOOL,
+        "skip_corrupt": BOOL,
+        "channels_last": BOOL,
+        "auto_augment": hinted(optional(one_of(*AUTO_AUGMENT)), "e.g. data.auto_augment=randaugment"),
+        "random_erasing": hinted(number(0, 1), "e.g. data.random_erasing=0.25"),
+        "mixup_alpha": hinted(number(0), "0: off; e.g. data.mixup_alpha=0.2"),
+        "cutmix_alpha": hinted(number(0), "0: off; e.g. data.cutmix_alpha=1.0"),
+    }
+
+    @classmethod
+    def settings(cls) -> dict[str, Rule]:
+        """Every keyword's rule along the class's bases, a subclass's rule replacing its base's."""
+        rules: dict[str, Rule] = {}
+        for klass in reversed(cls.__mro__):
+            rules |= vars(klass).get("SETTINGS", {})
+        return rules
 
     def __init__(
         self,
@@ -191,25 +221,13 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or resolution < 1:
-            raise ConfigError(f"need batch_size >= 1, resolution >= 1; got {batch_size}, {resolution}")
-        if num_workers != "auto" and (type(num_workers) is not int or num_workers < 0):
-            raise ConfigError(
-                f"data.num_workers must be an integer >= 0 or 'auto', got {num_workers!r}; e.g. data.num_workers=auto"
-            )
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ConfigError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
-        if auto_augment is not None and auto_augment not in AUTO_AUGMENT:
-            raise ConfigError(f"data.auto_augment must be {', '.join(AUTO_AUGMENT)} or null, got {auto_augment!r}; "
-                              "e.g. data.auto_augment=randaugment")
-        if not 0 <= random_erasing <= 1:
-            raise ConfigError(f"data.random_erasing is a probability in [0, 1], got {random_erasing!r}; "
-                              "e.g. data.random_erasing=0.25")
-        for key, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
-            if not alpha >= 0:
-                raise ConfigError(f"data.{key} must be >= 0 (0: off), got {alpha!r}; e.g. data.{key}=0.2")
         # Recorded so checkpoints carry the data config (Lightning stores datamodule hparams).
         self.save_hyperparameters()
+        # hparams hold every keyword of the whole constructor chain (a subclass's too): one pass checks them all.
+        rules = type(self).settings()
+        for key, value in self.hparams.items():
+            if key in rules:
+                rules[key].check(f"data.{key}", value)
         self.root = str(root)
         self.download = download
         self.batch_size = batch_size

@@ -24,8 +24,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split, stratified_split
-from datamodules.errors import dataset_not_found
+from finetune.config_rules import number, one_of
+from finetune.datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split, stratified_split
+from finetune.datamodules.errors import dataset_not_found
 from finetune.errors import ConfigError
 
 _SOURCE = "the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -84,15 +85,12 @@ class _CIFARDataModule(ImageClassificationDataModule):
 
     device_pad = 4
     device_flip = True
+    SETTINGS = {"val_fraction": number(0, 1, hi_open=True), "device_resident": one_of(True, False, "auto")}
     _title: str
     _reader: type[CIFAR10]
 
     def __init__(self, *, val_fraction: float = 0.1, device_resident: bool | Literal["auto"] = "auto", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not 0 <= val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if device_resident not in (True, False, "auto"):
-            raise ConfigError(f"device_resident must be true, false or 'auto', got {device_resident!r}")
+        super().__init__(**kwargs)  # checks these too, by SETTINGS
         self.val_fraction = val_fraction
         self.device_resident = device_resident
         self._official: dict[bool, tuple[Tensor, Tensor, list[str]]] = {}

@@ -25,8 +25,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from datamodules.images import ImageFileDataset, UnreadableImage, decode_rgb, open_image, sample_seed, train_crop_params
-from datamodules.index import PathArray
+from finetune.datamodules.images import (
+    ImageFileDataset, UnreadableImage, decode_rgb, open_image, sample_seed, train_crop_params,
+)
+from finetune.datamodules.index import PathArray
 from finetune.models.preprocessing import Preprocessing
 
 _JPEG_MAGIC = b"\xff\xd8\xff"

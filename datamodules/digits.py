@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split, stratified_split
+from finetune.datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split, stratified_split
 
 #: Stratified train/val/test proportions, seeded by `seed`.
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
@@ -43,7 +43,7 @@ class DigitsDataModule(ImageClassificationDataModule):
 
     def _load(self) -> tuple[Tensor, Tensor]:
         if self._arrays is None:
-            # Imported here: sklearn.datasets adds about a second to `import datamodules`.
+            # Imported here: sklearn.datasets adds about a second to `import finetune.datamodules`.
             from sklearn.datasets import load_digits
 
             digits = load_digits()

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.base import ImageClassificationDataModule, Split
-from datamodules.device_decode import EncodedImageFileDataset
-from datamodules.images import DECODE_MODES, ImageFileDataset, worker_transform
-from datamodules.index import PathArray
-from finetune.errors import ConfigError
+from finetune.config_rules import BOOL, hinted, one_of
+from finetune.datamodules.base import ImageClassificationDataModule, Split
+from finetune.datamodules.device_decode import EncodedImageFileDataset
+from finetune.datamodules.images import DECODE_MODES, ImageFileDataset, worker_transform
+from finetune.datamodules.index import PathArray
 
 
 class ImageFileDataModule(ImageClassificationDataModule, ABC):
@@ -25,11 +25,10 @@ class ImageFileDataModule(ImageClassificationDataModule, ABC):
     an unreadable file is found when read, and named or (`skip_corrupt`) replaced.
     """
 
+    SETTINGS = {"decode": hinted(one_of(*DECODE_MODES), "e.g. data.decode=worker"), "verify_images": BOOL}
+
     def __init__(self, *, decode: str = "worker", verify_images: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if decode not in DECODE_MODES:
-            raise ConfigError(f"data.decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}; "
-                              "e.g. data.decode=worker")
+        super().__init__(**kwargs)  # checks these too, by SETTINGS
         self.decode = decode
         self.verify_images = verify_images
 

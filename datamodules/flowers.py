@@ -8,11 +8,11 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets import Flowers102
 
-from datamodules.base import Split
-from datamodules.errors import dataset_not_found
-from datamodules.files import ImageFileDataModule
-from datamodules.images import drop_unreadable
-from datamodules.index import PathArray
+from finetune.datamodules.base import Split
+from finetune.datamodules.errors import dataset_not_found
+from finetune.datamodules.files import ImageFileDataModule
+from finetune.datamodules.images import drop_unreadable
+from finetune.datamodules.index import PathArray
 
 _SOURCE = "102flowers.tgz unpacked, imagelabels.mat and setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 _REQUIRED = ("jpg/", "imagelabels.mat", "setid.mat")

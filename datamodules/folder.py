@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from datamodules.base import Split, stratified_split
-from datamodules.errors import dataset_not_found
-from datamodules.files import ImageFileDataModule
-from datamodules.images import IMAGE_EXTENSIONS, drop_unreadable, find_unreadable
-from datamodules.index import FolderIndex, PathArray, cache_file, class_folders, current_index
+from finetune.config_rules import PATH, number, optional
+from finetune.datamodules.base import Split, stratified_split
+from finetune.datamodules.errors import dataset_not_found
+from finetune.datamodules.files import ImageFileDataModule
+from finetune.datamodules.images import IMAGE_EXTENSIONS, drop_unreadable, find_unreadable
+from finetune.datamodules.index import FolderIndex, PathArray, cache_file, class_folders, current_index
 from finetune.errors import ConfigError
 
 
@@ -33,10 +34,11 @@ class ImageFolderDataModule(ImageFileDataModule):
     index (default: `<root>/.finetune-index/` if writable, else `~/.cache/effnet-finetune/`).
     """
 
+    # Not 0, unlike CIFAR's: a single folder has no official test split to validate on instead.
+    SETTINGS = {"val_fraction": number(0, 1, lo_open=True, hi_open=True), "cache_dir": optional(PATH)}
+
     def __init__(self, *, val_fraction: float = 0.2, cache_dir: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not 0 < val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        super().__init__(**kwargs)  # checks these too, by SETTINGS
         self.val_fraction = val_fraction
         self.cache_dir = cache_dir
         self._base = Path(self.root)

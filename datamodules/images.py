@@ -24,8 +24,8 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 from tqdm.auto import tqdm
 
-from datamodules.errors import CorruptImageError
-from datamodules.index import PathArray
+from finetune.datamodules.errors import CorruptImageError
+from finetune.datamodules.index import PathArray
 from finetune.models.preprocessing import Preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -120,7 +120,7 @@ class RNGStateCallback(L.Callback):
 
     Dropout, stochastic depth, device-side augmentation, CPU transforms in the main process
     and the evaluation loaders' worker seeds draw from these generators (the training data
-    order does not: see `datamodules.base.EpochSampler`). They are captured when a
+    order does not: see `finetune.datamodules.base.EpochSampler`). They are captured when a
     checkpoint is written (after an epoch's validation) and restored in `on_train_start`,
     the last hook before the next epoch's first draw: whatever setup and a sanity check
     consume in the resumed process is then irrelevant, and the resumed run continues the

@@ -37,8 +37,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.augment import TRAINING_ONLY_KEYS
 from finetune.config_checks import validate_config
+from finetune.datamodules.augment import TRAINING_ONLY_KEYS
 from finetune.errors import user_errors
 from finetune.evaluate import evaluate, split_predictions
 from finetune.models.efficientnet import EfficientNetConfig
@@ -136,7 +136,7 @@ def compose(overrides: list[str]) -> DictConfig:
 
     if GlobalHydra.instance().is_initialized():
         return hydra_compose("compare", overrides=overrides)
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
         return hydra_compose("compare", overrides=overrides)
 
 
@@ -191,7 +191,7 @@ def switch_option(cfg: DictConfig, group: str, option: str) -> DictConfig:
 
 def option_node(group: str, option: str) -> DictConfig:
     """conf/<group>/<option>.yaml as Hydra composes it into `group`: the same-group options its defaults list, then itself."""
-    source = importlib.resources.files("conf") / group / f"{option}.yaml"
+    source = importlib.resources.files("finetune.conf") / group / f"{option}.yaml"
     if not source.is_file():  # a node registered from Python (finetune.config_store), e.g. optim/_defaults
         return OmegaConf.create(ConfigStore.instance().load(f"{group}/{option}.yaml").node)
     text = source.read_text()
@@ -395,7 +395,7 @@ def main() -> None:
     run_command(hydra_main)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="compare")
+@hydra.main(version_base="1.3", config_path="pkg://finetune.conf", config_name="compare")
 def hydra_main(cfg: DictConfig) -> None:
     with user_errors():
         out = HydraConfig.get().runtime.output_dir

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import warnings
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -27,11 +28,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from datamodules.augment import AUTO_AUGMENT, TRAINING_ONLY_KEYS
 from finetune.config_rules import (
     BOOL, FRACTION, PATH, POSITIVE, SEED, STRING, WORD, Rule, either, integer, is_integer, name, number, numbers, one_of,
     optional,
 )
+from finetune.datamodules.augment import TRAINING_ONLY_KEYS
+from finetune.datamodules.base import ImageClassificationDataModule
 from finetune.errors import ConfigError
 from finetune.models import MODEL_NAMES, VARIANTS
 from finetune.models.efficientnet import BASE_STAGES, PADDINGS
@@ -69,32 +71,6 @@ MODEL: dict[str, Rule] = {
     "padding": optional(one_of(*PADDINGS)),
     "bn_eps": optional(number(0, 1, lo_open=True, hi_open=True)),
     "grad_checkpointing": BOOL,
-}
-
-DATA: dict[str, Rule] = {
-    "_target_": STRING,
-    "root": PATH,
-    "download": BOOL,
-    "batch_size": integer(1),
-    "num_workers": either(integer(0), one_of("auto")),
-    "resolution": integer(32),
-    "val_fraction": number(0, 1, hi_open=True),
-    "augment": BOOL,
-    "device_resident": one_of(True, False, "auto"),
-    "seed": SEED,
-    "skip_corrupt": BOOL,
-    "decode": one_of("worker", "device"),
-    "verify_images": BOOL,
-    "cache_dir": optional(PATH),
-    "pin_memory": optional(BOOL),
-    "persistent_workers": BOOL,
-    "channels_last": BOOL,
-    "mean": optional(numbers(3, number(0, 1), "[0.5,0.5,0.5]")),
-    "std": optional(numbers(3, number(0, lo_open=True), "[0.5,0.5,0.5]")),
-    "auto_augment": optional(one_of(*AUTO_AUGMENT)),
-    "random_erasing": number(0, 1),
-    "mixup_alpha": number(0),
-    "cutmix_alpha": number(0),
 }
 
 FINETUNE: dict[str, Rule] = {
@@ -193,6 +169,9 @@ COMPARE: dict[str, Rule] = {
     "cam_images": integer(0),
 }
 
+#: The datamodules' package name before it installed under the project's; the old one is accepted for one release.
+MOVED_DATA_PACKAGE = ("datamodules.", "finetune.datamodules.")
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -205,7 +184,9 @@ def validate_config(cfg: DictConfig) -> None:
     top = _section(cfg, "", TOP, others="skip")
     _section(_group(cfg, "paths"), "paths", PATHS, others="skip")
     model = _section(_group(cfg, "model"), "model", MODEL, required=("name",), others=MODEL)
-    data = _section(_group(cfg, "data"), "data", DATA, required=("_target_",))
+    data_node = _group(cfg, "data")
+    data_class = _data_class(data_node)
+    data = _section(data_node, "data", _data_rules(data_class), required=("_target_",))
     finetune = _section(_group(cfg, "finetune"), "finetune", FINETUNE, others=FINETUNE)
     optim = {**DEFAULT_OPTIM, **_section(_group(cfg, "optim"), "optim", OPTIM, others=OPTIM)}
     trainer = _trainer(_group(cfg, "trainer"))
@@ -216,7 +197,7 @@ def validate_config(cfg: DictConfig) -> None:
         _section(_group(cfg, "compare"), "compare", COMPARE, others=COMPARE)
 
     _check_model(model, resuming=top.get("ckpt_path") is not None)
-    _check_data(data, model)
+    _check_data(data, data_class, model)
     _check_training(finetune, optim, trainer, data)
 
 
@@ -328,7 +309,21 @@ def _check_package(model: str) -> None:
                           f"pip install {package}, or use model.pretrained=null")
 
 
-def _check_data(data: dict[str, Any], model: dict[str, Any]) -> None:
+def _data_class(node: DictConfig) -> type:
+    """The class `data._target_` names, imported (no data read) so that its own settings table checks the rest."""
+    target = _section(node, "data", {"_target_": STRING}, required=("_target_",), others="skip")["_target_"]
+    return _import(data_target(target), "data._target_")
+
+
+def _data_rules(data_class: type) -> dict[str, Rule]:
+    """The datamodule's own rules (`ImageClassificationDataModule.SETTINGS`); mean/std may also be null here,
+    which keeps the weights' own and never reaches the constructor (`build_datamodule` drops it)."""
+    rules = data_class.settings() if issubclass(data_class, ImageClassificationDataModule) else {}
+    nullable = {key: optional(rules[key]) for key in ("mean", "std") if key in rules}
+    return {"_target_": STRING, **rules, **nullable}
+
+
+def _check_data(data: dict[str, Any], target: type, model: dict[str, Any]) -> None:
     mean, std = data.get("mean"), data.get("std")
     if (mean is None) != (std is None):
         given, other = ("data.mean", "data.std") if mean is not None else ("data.std", "data.mean")
@@ -340,7 +335,6 @@ def _check_data(data: dict[str, Any], model: dict[str, Any]) -> None:
     if resolution is not None and data.get("resolution") not in (None, resolution):
         raise ConfigError(f"data.resolution={data['resolution']} differs from model.resolution={resolution}: "
                           f"images are resized to the model's; set model.resolution={data['resolution']} instead")
-    target = _import(data["_target_"], "data._target_")
     accepted = accepted_keywords(target)
     for key in data:
         if accepted is not None and not key.startswith("_") and key not in accepted:
@@ -411,6 +405,19 @@ def _check_instantiated(node: Any, key: str) -> None:
     monitor, mode = values.get("monitor"), values.get("mode")
     if monitor in MONITORED and mode is not None and mode != MONITORED[monitor]:
         raise ConfigError(f"{key}.mode={mode} would keep the worst {monitor}; use {key}.mode={MONITORED[monitor]}")
+
+
+def data_target(path: Any) -> Any:
+    """`data._target_` as it imports now: older configs name `datamodules.X`, which installs as `finetune.datamodules.X`.
+
+    Rewritten even where the old name still imports (from the repository root, whose
+    `datamodules/` folder is on sys.path) so that there is one class per datamodule.
+    """
+    if isinstance(path, str) and path.startswith(MOVED_DATA_PACKAGE[0]):
+        new = MOVED_DATA_PACKAGE[1] + path.removeprefix(MOVED_DATA_PACKAGE[0])
+        warnings.warn(f"data._target_={path} is now {new}; the old name goes in the next release", FutureWarning, stacklevel=2)
+        return new
+    return path
 
 
 def _import(path: Any, key: str) -> type:

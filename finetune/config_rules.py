@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 from finetune.errors import ConfigError
@@ -44,13 +46,13 @@ class Name(Rule):
 
 
 def is_integer(value: Any) -> bool:
-    """An int that is not a bool: YAML's `true` must not pass for 1."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (numpy's too) that is not a bool: YAML's `true` must not pass for 1."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float that is not a bool: inf would pass any lower bound unnoticed."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (numpy's too) that is not a bool: inf would pass any lower bound unnoticed."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _show(choice: Any) -> str:
@@ -90,20 +92,25 @@ def optional(rule: Rule) -> Rule:
     return dataclasses.replace(rule, accepts=lambda v: v is None or rule.accepts(v), expect=expect)
 
 
+def hinted(rule: Rule, hint: str) -> Rule:
+    """`rule` whose error ends with how to fix it."""
+    return dataclasses.replace(rule, hint=hint)
+
+
 def either(*rules: Rule) -> Rule:
     expect = ", ".join(r.expect for r in rules[:-1]) + f" or {rules[-1].expect}"
     return Rule(lambda v: any(r.accepts(v) for r in rules), expect)
 
 
 def numbers(count: int, each: Rule, example: str) -> Rule:
-    return Rule(lambda v: isinstance(v, list) and len(v) == count and all(map(each.accepts, v)),
+    return Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == count and all(map(each.accepts, v)),
                 f"{count} numbers ({each.expect.removeprefix('a number ')} each), e.g. {example}")
 
 
 BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
 STRING = Rule(lambda v: isinstance(v, str), "a string")
 WORD = Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")
-PATH = dataclasses.replace(WORD, expect="a path")
+PATH = Rule(lambda v: isinstance(v, os.PathLike) or WORD.accepts(v), "a path")
 POSITIVE = Rule(lambda v: is_number(v) and v > 0, "a positive number")
 FRACTION = Rule(lambda v: isinstance(v, float) and 0 <= v <= 1, "a fraction in [0.0, 1.0]")
 SEED = integer(0, 2**32 - 1)  # what numpy (and so Lightning's seed_everything) accepts

@@ -35,10 +35,10 @@ def take_debug_flag(argv: list[str]) -> list[str]:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from datamodules.errors import CorruptImageError, DatasetNotFoundError
+    from finetune.datamodules.errors import CorruptImageError, DatasetNotFoundError
     from finetune.guards import NonFiniteLossError
 
-    # WeightsError is a ConfigError; CorruptImageError too (see datamodules.errors).
+    # WeightsError is a ConfigError; CorruptImageError too (see finetune.datamodules.errors).
     return (ConfigError, DatasetNotFoundError, CorruptImageError, NonFiniteLossError)
 
 

@@ -30,8 +30,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset
-from datamodules.index import scan
+from finetune.datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset
+from finetune.datamodules.index import scan
 from finetune.errors import ConfigError, user_errors
 from finetune.models.preprocessing import Preprocessing
 from finetune.module import FineTuneModule

@@ -16,12 +16,12 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from torch import Tensor
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from datamodules.base import ImageClassificationDataModule, Split
+from finetune.datamodules.base import ImageClassificationDataModule, Split
 from finetune.errors import ConfigError
 from finetune.models import EfficientNet
 

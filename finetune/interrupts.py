@@ -7,7 +7,7 @@ a scheduler believes the job succeeded. Here each of these signals only sets Lig
 stop flag; the loop stops after the batch in progress (all DDP ranks at the same batch, via
 Lightning's per-batch broadcast), `checkpoints/last.ckpt` is written with the exact
 mid-epoch state (the datamodule records how far into the epoch it was, see
-`datamodules.base.EpochSampler`), and the process exits with 128 + the signal number after
+`finetune.datamodules.base.EpochSampler`), and the process exits with 128 + the signal number after
 printing the command that resumes it. A second signal stops at once without saving.
 """
 

@@ -35,8 +35,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from datamodules.base import Split
 from finetune.checkpointing import atomic_save
+from finetune.datamodules.base import Split
 from finetune.errors import ConfigError
 from finetune.features import pooled_features
 

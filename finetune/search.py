@@ -210,7 +210,7 @@ def _compose(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
     import finetune.train  # noqa: F401 - registers the config resolvers
 
     try:
-        with initialize_config_module(config_module="conf", version_base="1.3"):
+        with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
             return compose("train", overrides=list(overrides), return_hydra_config=with_hydra)
     except HydraException as e:
         raise ConfigError(" ".join(str(e).split())) from None

@@ -4,7 +4,7 @@
 this every rank would draw the same dropout and stochastic-depth masks and the same
 device-side crops and flips for its (different) samples: the effective randomness of the
 global batch would shrink by the number of processes. The data order is not drawn here:
-`datamodules.base.EpochSampler` takes it from (seed, epoch) and shards it.
+`finetune.datamodules.base.EpochSampler` takes it from (seed, epoch) and shards it.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.averaging import FitEMA
 from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable, load_resume_checkpoint
-from finetune.config_checks import validate_config
+from finetune.config_checks import data_target, validate_config
 from finetune.config_store import register_defaults
 from finetune.errors import ConfigError, take_debug_flag, user_error_types, user_errors
 from finetune.features import CachedFeatureDataModule
@@ -62,7 +62,7 @@ _EXTRA_CONFIG_FLAGS = ("hydra.searchpath", "--config-dir", "-cd", "--config-path
 
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. b0..b7, lite0..lite4, phi for `model`."""
-    folder = importlib.resources.files("conf") / group
+    folder = importlib.resources.files("finetune.conf") / group
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
                   if p.name.endswith(".yaml") and not p.name.startswith("_"))  # _base.yaml: shared by the options
 
@@ -95,6 +95,7 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The datamodule of `cfg.data`; mean/std left null here follow the model's weights later."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data = {k: v for k, v in data.items() if not (k in ("mean", "std") and v is None)}
+    data["_target_"] = data_target(data["_target_"])
     try:
         return instantiate(data, _convert_="all")  # plain lists: checkpoints must load with weights_only=True
     except InstantiationException as e:  # Hydra's multi-line "Error in call to target" around our one-line errors
@@ -273,7 +274,7 @@ def _search_or_hydra() -> None:
         hydra_main()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://finetune.conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra's entry: fit, and hand the best validation accuracy to sweepers that optimise it."""
     with user_errors():

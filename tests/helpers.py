@@ -81,7 +81,7 @@ def compose_config(overrides: list[str], output_dir) -> DictConfig:
 
     import finetune.train  # noqa: F401 - registers the config resolvers
 
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
         return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 

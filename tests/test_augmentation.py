@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules import DigitsDataModule
 from finetune.config_checks import validate_config
+from finetune.datamodules import DigitsDataModule
 from finetune.errors import ConfigError
 from finetune.module import FineTuneModule
 from finetune.train import fit, group_options
@@ -178,7 +178,7 @@ def test_keys_are_listed_in_every_data_option_and_bad_values_are_one_line_errors
         with pytest.raises(ConfigError) as info:
             validate_config(compose_config(["data=digits", "trainer=cpu", *extra, override], tmp_path))
         assert message in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(ConfigError, match=r"^data.random_erasing is a probability in \[0, 1\], got 2"):
+    with pytest.raises(ConfigError, match=r"^data.random_erasing must be a number in \[0, 1\], got 2"):
         DigitsDataModule(random_erasing=2)
 
 

@@ -65,4 +65,4 @@ def test_configs_are_found_from_any_directory_and_as_console_script(tmp_path):
     out = subprocess.run([str(exe), "--cfg", "job", "model=lite0", "data=cifar100"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "name: lite0" in out.stdout and "_target_: datamodules.CIFAR100DataModule" in out.stdout
+    assert "name: lite0" in out.stdout and "_target_: finetune.datamodules.CIFAR100DataModule" in out.stdout

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from finetune.config_checks import FINETUNE, MODEL, OPTIM, validate_config
+from finetune.datamodules import DigitsDataModule
 from finetune.errors import ConfigError, user_errors
 from finetune.models import create_model
 from finetune.module import DEFAULT_OPTIM
@@ -41,7 +42,7 @@ NO_GPU = not torch.cuda.is_available()
 
 
 def config(*overrides: str, name: str = "train") -> DictConfig:
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("finetune.conf", version_base="1.3"):
         return compose(name, overrides=["paths.output_dir=/tmp/unused", *overrides])
 
 
@@ -113,12 +114,15 @@ def error_of(*overrides: str, name: str = "train") -> str:
         (["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0]"], "data.std must be null or 3 numbers (> 0 each)"),
         (["data.resolution=64"], "data.resolution=64 differs from model.resolution=224: images are resized to the "
                                  "model's; set model.resolution=64 instead"),
-        (["+data.decode=cpu"], "data.decode must be one of worker, device, got 'cpu'"),
-        (["+data.verify_images=1"], "data.verify_images must be true or false, got 1"),
-        (["+data.cache_dir=''"], "data.cache_dir must be null or a path, got ''"),
+        (["data=flowers102", "data.decode=cpu"], "data.decode must be one of worker, device, got 'cpu'"),
+        (["data=flowers102", "data.verify_images=1"], "data.verify_images must be true or false, got 1"),
+        (["data=imagefolder", "data.root=x", "data.cache_dir=''"], "data.cache_dir must be null or a path, got ''"),
+        # each datamodule's own rule: a folder needs a validation part, CIFAR may validate on its test set
+        (["data=imagefolder", "data.root=x", "data.val_fraction=0"], "data.val_fraction must be a number in (0, 1), got 0"),
+        (["data=cifar100", "+data.decode=device"], "data.decode is not a setting of CIFAR100DataModule"),
         (["+data.bacth_size=8"], "data.bacth_size is not a setting of CIFAR100DataModule; valid: augment, auto_augment, batch_size,"),
         (["data=imagefolder"], "data.root must be set (it is ??? in the config), e.g. data.root=<value>"),
-        (["data._target_=datamodules.NoSuchData"], "data._target_='datamodules.NoSuchData' is not an importable class"),
+        (["data._target_=finetune.datamodules.NoSuchData"], "data._target_='finetune.datamodules.NoSuchData' is not an importable class"),
         # finetune
         (["finetune=partial", "finetune.trainable_stages=99"], "finetune.trainable_stages must be an integer in 0..7, got 99"),
         (["finetune.unfreeze_at_epoch=-1"], "finetune.unfreeze_at_epoch must be an integer >= 0, got -1"),
@@ -330,7 +334,7 @@ def _images(folder: Path, n: int = 4) -> None:
 
 def _fit_error(tmp_path: Path, root: Path, capsys: pytest.CaptureFixture) -> str:
     """`fit` as the CLI runs it; the one `error:` line it printed before exiting with 2."""
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("finetune.conf", version_base="1.3"):
         cfg = compose("train", overrides=["data=imagefolder", *FAST, f"data.root={root}",
                                           f"paths.output_dir={tmp_path / 'run'}"])
     capsys.readouterr()
@@ -377,3 +381,35 @@ def test_cli_val_class_unknown_to_train_is_one_line(tmp_path: Path) -> None:
     assert errors == [f"error: class folder '{root / 'val' / 'bird'}' has no counterpart in '{root / 'train'}'; "
                       "train/val/test must share one class list"]
     assert run.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_data_target_of_the_old_package_name_still_works_with_a_warning() -> None:
+    """Configs written when the datamodules installed as a top-level `datamodules` package keep working one release."""
+    cfg = config("data=digits", "data._target_=datamodules.DigitsDataModule", "data.num_workers=0", *FAST[:3])
+    with pytest.warns(FutureWarning, match="data._target_=datamodules.DigitsDataModule is now finetune.datamodules"):
+        validate_config(cfg)
+    with pytest.warns(FutureWarning):
+        datamodule = build_datamodule(cfg)
+    # the package's own class, not a second copy imported from the repository's folder
+    assert type(datamodule) is DigitsDataModule and type(datamodule).__module__ == "finetune.datamodules.digits"
+
+
+@pytest.mark.parametrize("option, key, value", [
+    ("cifar100", "device_resident", 1), ("imagefolder", "val_fraction", 0), ("digits", "batch_size", 0),
+    ("flowers102", "decode", "cpu"), ("digits", "mixup_alpha", -1),
+])
+def test_a_datamodule_and_its_config_refuse_a_value_by_one_rule(option: str, key: str, value: object) -> None:
+    """One table (the datamodule's SETTINGS) behind both checks: the same words from Python and from the CLI."""
+    from hydra.utils import get_class
+
+    overrides = [f"data={option}", f"data.{key}={value}", *(["data.root=x"] if option == "imagefolder" else [])]
+    from_config = error_of(*overrides)
+    with pytest.raises(ConfigError) as info:
+        get_class(config(f"data={option}").data._target_)(root="x", **{key: value})
+    assert str(info.value) == from_config and from_config.startswith(f"data.{key} must be")
+
+
+def test_a_datamodule_takes_numpy_numbers_and_paths_from_python(tmp_path: Path) -> None:
+    datamodule = DigitsDataModule(root=tmp_path, batch_size=np.int64(8), random_erasing=np.float32(0.25),
+                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert datamodule.batch_size == 8 and datamodule.root == str(tmp_path)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from datamodules import (
+from finetune.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     CorruptImageError,
@@ -25,8 +25,8 @@ from datamodules import (
     Flowers102DataModule,
     ImageFolderDataModule,
 )
-from datamodules.base import EpochSampler, random_translate_flip, stratified_split
-from datamodules.cifar import DeviceBatches
+from finetune.datamodules.base import EpochSampler, random_translate_flip, stratified_split
+from finetune.datamodules.cifar import DeviceBatches
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

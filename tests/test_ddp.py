@@ -59,14 +59,14 @@ class Agreement(L.Callback):
                       "same_dropout_masks": torch.equal(self.masks[0], self.masks[1])}
             Path(trainer.default_root_dir, "agreement.json").write_text(json.dumps(report))
 
-with initialize_config_module("conf", version_base="1.3"):
+with initialize_config_module("finetune.conf", version_base="1.3"):
     cfg = compose("train", overrides=[*sys.argv[2:], f"paths.output_dir={sys.argv[1]}"])
 fit(cfg, extra_callbacks=[Agreement()])
 '''
 
 
 def config(*overrides: str) -> DictConfig:
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("finetune.conf", version_base="1.3"):
         return compose("train", overrides=["paths.output_dir=unused", *overrides], return_hydra_config=True)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from datamodules import DigitsDataModule
+from finetune.datamodules import DigitsDataModule
 from finetune.models import create_model
 from finetune.module import FineTuneModule
 from helpers import randomize_norm_stats, relative_error

@@ -36,7 +36,7 @@ FINETUNE = Path(sys.executable).with_name("finetune")
 
 
 def config(out: Path, *overrides: str, data: str = "digits") -> DictConfig:
-    with initialize_config_module("conf", version_base="1.3"):
+    with initialize_config_module("finetune.conf", version_base="1.3"):
         return compose("train", overrides=[f"data={data}", *FAST, f"paths.output_dir={out}", *overrides])
 
 

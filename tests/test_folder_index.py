@@ -20,11 +20,11 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image, ImageFile
 from torch import nn
 
-from datamodules import CorruptImageError, ImageFolderDataModule
-from datamodules.base import auto_num_workers
-from datamodules.device_decode import EncodedImages
-from datamodules.images import ImageFileDataset, RandomCrop, worker_transform
-from datamodules.index import ROOT_CACHE, PathArray
+from finetune.datamodules import CorruptImageError, ImageFolderDataModule
+from finetune.datamodules.base import auto_num_workers
+from finetune.datamodules.device_decode import EncodedImages
+from finetune.datamodules.images import ImageFileDataset, RandomCrop, worker_transform
+from finetune.datamodules.index import ROOT_CACHE, PathArray
 from finetune.errors import ConfigError
 from finetune.models.preprocessing import Preprocessing
 
@@ -258,12 +258,12 @@ import json, sys
 from pathlib import Path
 import lightning as L, torch
 from hydra import compose, initialize_config_module
-import datamodules.images
+import finetune.datamodules.images
 from finetune.train import fit
 
 reads = []
-load = datamodules.images.ImageFileDataset.load
-datamodules.images.ImageFileDataset.load = lambda self, position: reads.append(position) or load(self, position)
+load = finetune.datamodules.images.ImageFileDataset.load
+finetune.datamodules.images.ImageFileDataset.load = lambda self, position: reads.append(position) or load(self, position)
 
 class Features(L.Callback):
     def on_train_start(self, trainer, pl_module):
@@ -279,7 +279,7 @@ class Features(L.Callback):
             direct = model.forward_head(model.forward_features(data.source.device_transform(images, train=False)), True)
         (Path(trainer.default_root_dir) / "direct.json").write_text(json.dumps((direct - cached[0]).abs().max().item()))
 
-with initialize_config_module("conf", version_base="1.3"):
+with initialize_config_module("finetune.conf", version_base="1.3"):
     cfg = compose("train", overrides=[*sys.argv[2:], f"paths.output_dir={sys.argv[1]}"])
 fit(cfg, extra_callbacks=[Features()])
 '''

@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules import DigitsDataModule
+from finetune.datamodules import DigitsDataModule
 from finetune.module import FineTuneModule
 from finetune.policies import FinetunePolicy, model_parts
 

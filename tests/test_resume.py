@@ -51,7 +51,7 @@ class SendSignal(L.Callback):
         if (trainer.current_epoch, batch_idx) == (1, 1):
             os.kill(os.getpid(), getattr(signal, os.environ["SEND_SIGNAL"]))
 
-with initialize_config_module("conf", version_base="1.3"):
+with initialize_config_module("finetune.conf", version_base="1.3"):
     cfg = compose("train", overrides=sys.argv[1:])
 with user_errors():
     fit(cfg, extra_callbacks=[SendSignal()])
