@@ -38,6 +38,12 @@ RUN = [
     "trainer.enable_progress_bar=false", "logger=csv", "seed=7",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ACCUMULATE = ("trainer.accumulate_grad_batches=2",)  # 3 optimizer steps per epoch of 6 batches
+#: Stopped runs: the signal, when it is sent (epoch, batch, at the batch's start or end), extra overrides.
+#: SIGTERM-mid-window arrives while the first batch of an accumulation window trains, so the stop must
+#: wait for the window's optimizer step.
+STOPPED = {"SIGTERM": ("SIGTERM", "1,1,end", ()), "SIGINT": ("SIGINT", "1,1,end", ()),
+           "SIGTERM-mid-window": ("SIGTERM", "1,0,start", ACCUMULATE)}
 # `fit` as the CLI runs it, plus a callback that sends this process a real signal after a chosen training batch.
 SIGNAL_SCRIPT = """
 import os, signal, sys
@@ -47,9 +53,19 @@ from finetune.errors import user_errors
 from finetune.train import fit
 
 class SendSignal(L.Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (trainer.current_epoch, batch_idx) == (1, 1):
+    def __init__(self):
+        epoch, batch, self.hook = os.environ["SIGNAL_AT"].split(",")
+        self.at = (int(epoch), int(batch))
+
+    def send(self, trainer, batch_idx, hook):
+        if (trainer.current_epoch, batch_idx, hook) == (*self.at, self.hook):
             os.kill(os.getpid(), getattr(signal, os.environ["SEND_SIGNAL"]))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.send(trainer, batch_idx, "start")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.send(trainer, batch_idx, "end")
 
 with initialize_config_module("finetune.conf", version_base="1.3"):
     cfg = compose("train", overrides=sys.argv[1:])
@@ -127,11 +143,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
     data = write_digits_folder(root / "digits")
     script = root / "send_signal.py"
     script.write_text(SIGNAL_SCRIPT)
-    outs = {name: root / name for name in ("first", "second", "killed", "SIGTERM", "SIGINT")}
+    outs = {name: root / name for name in ("first", "second", "killed", *STOPPED, "accumulating")}
     started = {name: start(outs[name], data) for name in ("first", "second", "killed")}
-    for name in ("SIGTERM", "SIGINT"):
-        command = [sys.executable, str(script), *RUN, f"data.root={data}", f"paths.output_dir={outs[name]}"]
-        started[name] = subprocess.Popen(command, cwd=root, env={**ENV, "SEND_SIGNAL": name},
+    started["accumulating"] = start(outs["accumulating"], data, *ACCUMULATE)
+    for name, (sent, at, extra) in STOPPED.items():
+        command = [sys.executable, str(script), *RUN, *extra, f"data.root={data}", f"paths.output_dir={outs[name]}"]
+        started[name] = subprocess.Popen(command, cwd=root, env={**ENV, "SEND_SIGNAL": sent, "SIGNAL_AT": at},
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = outs["killed"] / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
@@ -144,14 +161,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
     assert torch.load(last, weights_only=True)["epoch"] == 0  # killed after epoch 0 of 3
     resumed = {"killed": start(outs["killed"], data, f"ckpt_path={last}")}
     result: dict[str, Path | str] = dict(outs)
-    for name in ("SIGTERM", "SIGINT"):
+    for name in STOPPED:
         _, err = started[name].communicate(timeout=300)
         result[f"{name} status"], result[f"{name} stderr"] = started[name].returncode, err
         command = shlex.split(err.rpartition("resume with: ")[2].strip())
         assert command and command[0] == "finetune", err[-3000:]
         resumed[name] = subprocess.Popen([str(FINETUNE), *command[1:]], cwd=root, env=ENV,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for run in (started["first"], started["second"], *resumed.values()):
+    for run in (started["first"], started["second"], started["accumulating"], *resumed.values()):
         finish(run)
     return result
 
@@ -179,6 +196,19 @@ def test_stop_signal_saves_mid_epoch_and_resumes_exactly(runs: dict, name: str, 
     stopped_log, resumed_log = runs[name] / "csv" / "metrics.csv", runs[name] / "csv" / "resumed_1" / "metrics.csv"
     assert stopped_log.is_file() and resumed_log.is_file()  # the resumed run's logs beside, not over, the first's
     resumed, uninterrupted = weights(runs[name]), weights(runs["first"])
+    assert [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])] == []
+
+
+def test_stop_mid_accumulation_window_waits_for_its_step_and_resumes_exactly(runs: dict) -> None:
+    """Gradients of half a window are in no checkpoint: the stop waits for the step, and nothing is lost or doubled."""
+    name = "SIGTERM-mid-window"
+    assert runs[f"{name} status"] == 143, runs[f"{name} stderr"][-3000:]
+    lines = [line for line in runs[f"{name} stderr"].splitlines() if line.startswith("stopped by SIGTERM")]
+    # sent during batch 0 of epoch 1 (after global step 3), saved after batch 1, the window's optimizer step (step 4)
+    assert len(lines) == 1 and "at epoch 1, step 4;" in lines[0], lines
+    assert metrics(runs[name]) == metrics(runs["accumulating"])
+    assert metrics(runs["accumulating"]) != metrics(runs["first"])  # accumulation did change the run
+    resumed, uninterrupted = weights(runs[name]), weights(runs["accumulating"])
     assert [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])] == []
 
 
