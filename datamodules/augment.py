@@ -9,6 +9,9 @@ parameters there), which `lightning.seed_everything` seeds and checkpoints resto
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
@@ -20,6 +23,14 @@ _ERASING_BOXES = v2.RandomErasing()
 
 #: The data keys that change training images only (each off by default); cached features need them off.
 TRAINING_ONLY_KEYS = ("auto_augment", "random_erasing", "mixup_alpha", "cutmix_alpha")
+
+
+def augmenting_keys(data: Mapping[str, Any]) -> list[str]:
+    """The data settings (`augment` first) that make training images differ from epoch to epoch or from eval's.
+
+    Empty is what cached features need: only then is an image's pooled feature the same every epoch.
+    """
+    return [key for key in ("augment", *TRAINING_ONLY_KEYS) if data.get(key, key == "augment")]  # augment: on by default
 
 
 def auto_augment_policy(name: str) -> v2.Transform:

@@ -84,6 +84,11 @@ class FineTuneModule(L.LightningModule):
         return module.eval()
 
     @property
+    def class_names(self) -> list[str]:
+        """The checkpoint's class names in label order; their indices where training recorded none."""
+        return list(self.hparams.get("class_names") or [str(i) for i in range(self.model.num_classes)])
+
+    @property
     def preprocessing(self) -> Preprocessing:
         return self._preprocessing
 
@@ -132,7 +137,8 @@ class FineTuneModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Logs the metrics; returns the logits, which callbacks get as `outputs` (no second forward pass)."""
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
@@ -140,8 +146,10 @@ class FineTuneModule(L.LightningModule):
         self.log("val/loss", self.criterion(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
         self.log("val/acc_top5", self.val_acc_top5, on_epoch=True)
+        return logits.detach()
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """As `validation_step`: the logits go to callbacks such as `reports.TestReport`."""
         x, y = batch
         logits = self(x)
         self.test_acc(logits, y)
@@ -149,6 +157,7 @@ class FineTuneModule(L.LightningModule):
         self.log("test/loss", self.criterion(logits, y), on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
         self.log("test/acc_top5", self.test_acc_top5, on_epoch=True)
+        return logits.detach()
 
     def _log_samples(self, tag: str, x: torch.Tensor) -> None:
         """A grid of what the network actually sees: after resize, de-normalised."""
