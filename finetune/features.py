@@ -11,7 +11,7 @@ extracts a contiguous share of the images and `all_gather` hands every process a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -21,12 +21,24 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from finetune.datamodules.augment import TRAINING_ONLY_KEYS, augmenting_keys
 from finetune.datamodules.base import ImageClassificationDataModule, Split
 from finetune.errors import ConfigError
 from finetune.models import EfficientNet
 
 #: Feature rows per all_gather call: bounds the device memory the gather takes (a share times the processes).
 _GATHER_ROWS = 8192
+
+
+def check_cacheable(data: Mapping[str, Any]) -> None:
+    """Cached features need images that are the same every epoch: refuse any data setting that varies them."""
+    augmenting = augmenting_keys(data)
+    if "augment" in augmenting:
+        raise ConfigError("finetune.cache_features=true needs data.augment=false: "
+                          "cached features would freeze one random view")
+    if augmenting:
+        raise ConfigError(f"finetune.cache_features=true trains on features of unaugmented images, which "
+                          f"data.{augmenting[0]} would change; set it back to off or finetune.cache_features=false")
 
 
 class CachedFeatureDataModule(ImageClassificationDataModule):
@@ -37,10 +49,7 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
             root=source.root, batch_size=source.batch_size, num_workers=0, resolution=source.resolution,
             mean=source.mean, std=source.std, augment=False, seed=source.seed, pin_memory=False,
         )
-        if source.augment:
-            raise ConfigError(
-                "finetune.cache_features=true needs data.augment=false: cached features would freeze one random view"
-            )
+        check_cacheable({key: getattr(source, key) for key in ("augment", *TRAINING_ONLY_KEYS)})
         self.source = source
         self.save_hyperparameters(ignore=["source"])  # checkpoints must hold primitives only
 

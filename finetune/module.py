@@ -14,11 +14,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.utils import make_grid
 
+from finetune.config_rules import POSITIVE, Rule, number, numbers, optional
+from finetune.config_rules import name as name_rule
 from finetune.models import create_model
 from finetune.models.preprocessing import Preprocessing
 from finetune.models.weights import WeightsError, load_safely, unwrap_state_dict
 from finetune.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
-from finetune.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 SCHEDULERS = ("cosine", "constant")
@@ -222,6 +223,21 @@ DEFAULT_OPTIM: dict[str, Any] = {
 }
 
 
+#: What each optim key must be: checked here for every FineTuneModule and by `validate_config` before a run.
+OPTIM_RULES: dict[str, Rule] = {
+    "name": name_rule("optimizer", OPTIMIZERS),
+    "lr": POSITIVE,
+    "weight_decay": number(0, 1, hi_open=True),
+    "betas": numbers(2, number(0, 1, hi_open=True), "[0.9,0.999]"),
+    "momentum": number(0, 1, hi_open=True),
+    "backbone_lr_scale": optional(POSITIVE),  # null: 0.1 with pretrained weights, 1.0 from scratch
+    "layer_decay": POSITIVE,
+    "scheduler": name_rule("scheduler", SCHEDULERS),
+    "warmup_epochs": number(0),
+    "min_lr_ratio": number(0, 1),
+}
+
+
 class WarmupCosine:
     """Linear warmup from ~0, then cosine to `min_ratio`; a class so schedulers pickle for DDP."""
 
@@ -236,12 +252,5 @@ class WarmupCosine:
 
 
 def _check_optim(cfg: dict[str, Any]) -> None:
-    if cfg["name"] not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer '{cfg['name']}'; valid: {', '.join(OPTIMIZERS)}")
-    if cfg["scheduler"] not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler '{cfg['scheduler']}'; valid: {', '.join(SCHEDULERS)}")
-    for key in ("lr", "backbone_lr_scale", "layer_decay"):
-        if not isinstance(cfg[key], (int, float)) or not cfg[key] > 0 or not math.isfinite(cfg[key]):
-            raise ConfigError(f"optim.{key} must be a positive number, got {cfg[key]!r}")
-    if not 0 <= cfg["weight_decay"] < 1:
-        raise ConfigError(f"optim.weight_decay must be in [0, 1), got {cfg['weight_decay']!r}")
+    for key, rule in OPTIM_RULES.items():
+        rule.check(f"optim.{key}", cfg[key])

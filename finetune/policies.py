@@ -16,13 +16,25 @@ import lightning as L
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune.models import EfficientNet
+from finetune.config_rules import BOOL, Rule, integer, name, one_of
 from finetune.errors import ConfigError
+from finetune.models import EfficientNet
 
 POLICIES = ("full", "frozen", "partial", "gradual", "probe")  # probe: finetune/probe.py (no epochs)
 BN_MODES = ("eval", "train")
 #: Old `finetune.bn` values, accepted with a FutureWarning for one release: `frozen` named a policy, not a BatchNorm mode.
 RENAMED_BN_MODES = {"frozen": "eval"}
+
+
+def finetune_rules(num_stages: int) -> dict[str, Rule]:
+    """What each `FinetunePolicy` field (a `finetune.*` key) must be: checked by `validate` and by `validate_config`."""
+    return {
+        "name": name("finetune policy", POLICIES),
+        "trainable_stages": integer(0, num_stages),
+        "unfreeze_at_epoch": integer(0),
+        "bn": one_of(*BN_MODES, *RENAMED_BN_MODES),
+        "cache_features": BOOL,
+    }
 
 
 def model_parts(model: EfficientNet) -> dict[str, nn.Module]:
@@ -48,18 +60,12 @@ class FinetunePolicy:
     cache_features: bool = False
 
     def validate(self, num_stages: int) -> FinetunePolicy:
-        if self.name not in POLICIES:
-            raise ConfigError(f"unknown finetune policy '{self.name}'; valid: {', '.join(POLICIES)}")
+        for key, rule in finetune_rules(num_stages).items():
+            rule.check(f"finetune.{key}", getattr(self, key))
         if self.bn in RENAMED_BN_MODES:
             warnings.warn(f"finetune.bn={self.bn} is now finetune.bn={RENAMED_BN_MODES[self.bn]}; the old value goes in the "
-                          "next release", FutureWarning, stacklevel=2)
+                          "next release", FutureWarning, stacklevel=1)  # one location: shown once per run
             object.__setattr__(self, "bn", RENAMED_BN_MODES[self.bn])
-        if self.bn not in BN_MODES:
-            raise ConfigError(f"finetune.bn must be one of {', '.join(BN_MODES)}, got '{self.bn}'")
-        if self.name == "partial" and not (isinstance(self.trainable_stages, int) and 0 <= self.trainable_stages <= num_stages):
-            raise ConfigError(f"finetune.trainable_stages must be an integer in 0..{num_stages}, got {self.trainable_stages!r}")
-        if self.name == "gradual" and not (isinstance(self.unfreeze_at_epoch, int) and self.unfreeze_at_epoch >= 0):
-            raise ConfigError(f"finetune.unfreeze_at_epoch must be an integer >= 0, got {self.unfreeze_at_epoch!r}")
         if self.cache_features and (self.name != "frozen" or self.bn != "eval"):
             raise ConfigError(
                 f"finetune.cache_features=true needs finetune=frozen with bn=eval (got {self.name}, bn={self.bn}): "

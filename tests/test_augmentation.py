@@ -18,6 +18,7 @@ from torch import Tensor
 from finetune.config_checks import validate_config
 from finetune.datamodules import DigitsDataModule
 from finetune.errors import ConfigError
+from finetune.features import CachedFeatureDataModule
 from finetune.module import FineTuneModule
 from finetune.train import fit, group_options
 from helpers import compose_config
@@ -282,3 +283,12 @@ def test_accumulation_steps_the_optimizer_once_per_n_batches_and_the_schedule_ma
                     f"trainer.accumulate_grad_batches={accumulate}", "test_after_fit=false")
     assert record.steps == steps  # 5 batches an epoch: 5 steps, or 3 (the last after one batch) with n=2
     assert record.schedule_total == (steps, steps)  # cosine length and the steps the scheduler took
+
+
+@pytest.mark.parametrize("key, value", [("mixup_alpha", 0.2), ("cutmix_alpha", 1.0), ("random_erasing", 0.25),
+                                        ("auto_augment", "randaugment")])
+def test_cached_features_refuse_training_only_augmentation_from_python_too(key: str, value: object) -> None:
+    """Without the check, the cached head would silently train without the augmentation asked for."""
+    source = DigitsDataModule(num_workers=0, resolution=32, augment=False, **{key: value})
+    with pytest.raises(ConfigError, match=f"trains on features of unaugmented images, which data.{key} would change"):
+        CachedFeatureDataModule(source)

