@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import Transform
 from finetune.config_rules import BOOL, PATH, SEED, Rule, either, hinted, integer, number, numbers, one_of, optional
 from finetune.datamodules.augment import AUTO_AUGMENT, auto_augment_policy, batch_mixer, erase_per_image, per_image
 from finetune.datamodules.device_decode import EncodedImages
-from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 Split = Literal["train", "val", "test"]
 
@@ -235,7 +235,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.resolution = resolution
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.interpolation = "bicubic"  # the weights' (set_preprocessing); the usual for EfficientNets otherwise
+        self.interpolation = DEFAULT_INTERPOLATION  # until set_preprocessing adopts the weights'
         self.crop_fraction = DEFAULT_CROP_FRACTION
         self.augment = augment
         self.seed = seed

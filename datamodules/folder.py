@@ -129,7 +129,7 @@ class ImageFolderDataModule(ImageFileDataModule):
         if split == "train" or (split == "val" and carve_val):
             files, labels, unreadable = self._samples(self._train_folder)
             if carve_val:
-                if self._carved is None:  # once for both splits: it is the slowest step of setup on large trees
+                if self._carved is None:  # once for both splits
                     self._carved = stratified_split(labels, (1 - self.val_fraction, self.val_fraction), self.seed)
                 keep = self._carved[0 if split == "train" else 1]
                 files, labels, unreadable = files.take(keep), labels[keep], _renumbered(unreadable, keep)

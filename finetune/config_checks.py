@@ -111,9 +111,11 @@ TRAINER: dict[str, Rule] = {
     "deterministic": optional(one_of(True, False, "warn")),
     "enable_progress_bar": optional(BOOL),
     "sync_batchnorm": BOOL,
-    "compile": BOOL,
+    "compile": BOOL,  # this and ema_decay: EXTRA_TRAINER_KEYS
     "ema_decay": optional(number(0, 1, lo_open=True, hi_open=True)),
 }
+#: trainer.* keys that are finetune's own, not Lightning Trainer arguments.
+EXTRA_TRAINER_KEYS = ("compile", "ema_decay")
 #: Trainer arguments finetune sets itself, and what users do instead.
 TRAINER_RESERVED = {
     "logger": "pick the logger group instead (logger=tensorboard or logger=csv)",
@@ -262,7 +264,7 @@ def _check_pretrained(model: str, pretrained: Any) -> None:
 def _data_class(node: DictConfig) -> type:
     """The class `data._target_` names, imported (no data read) so that its own settings table checks the rest."""
     target = _section(node, "data", {"_target_": STRING}, required=("_target_",), others="skip")["_target_"]
-    return _import(data_target(target), "data._target_")
+    return import_class(data_target(target), "data._target_")
 
 
 def _data_rules(data_class: type) -> dict[str, Rule]:
@@ -330,7 +332,7 @@ def _trainer(node: DictConfig) -> dict[str, Any]:
     for key, instead in TRAINER_RESERVED.items():
         if key in node:
             raise ConfigError(f"trainer.{key} is set by finetune itself; {instead}")
-    arguments = (accepted_keywords(L.Trainer) or set()) - set(TRAINER_RESERVED) | {"compile", "ema_decay"}
+    arguments = (accepted_keywords(L.Trainer) or set()) - set(TRAINER_RESERVED) | set(EXTRA_TRAINER_KEYS)
     return _section(node, "trainer", TRAINER, required=("max_epochs",), others=arguments)
 
 
@@ -339,7 +341,7 @@ def _check_instantiated(node: Any, key: str) -> None:
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"{key} must be a mapping with a _target_ class, got {node!r}; remove it with ~{key}")
     values = _section(node, key, {})
-    target = _import(values["_target_"], f"{key}._target_")
+    target = import_class(values["_target_"], f"{key}._target_")
     accepted = accepted_keywords(target)
     rules = next((rules for cls, rules in INSTANTIATED.items() if issubclass(target, cls)), {})
     for name_, value in values.items():
@@ -360,12 +362,13 @@ def data_target(path: Any) -> Any:
     """
     if isinstance(path, str) and path.startswith(MOVED_DATA_PACKAGE[0]):
         new = MOVED_DATA_PACKAGE[1] + path.removeprefix(MOVED_DATA_PACKAGE[0])
-        warnings.warn(f"data._target_={path} is now {new}; the old name goes in the next release", FutureWarning, stacklevel=2)
+        # stacklevel=1: validation and build_datamodule both pass here, and one location warns once
+        warnings.warn(f"data._target_={path} is now {new}; the old name goes in the next release", FutureWarning, stacklevel=1)
         return new
     return path
 
 
-def _import(path: Any, key: str) -> type:
+def import_class(path: Any, key: str) -> type:
     """The class a `_target_` names (Hydra's own lookup would also log a multi-line error)."""
     module, _, name_ = str(path).rpartition(".")
     try:

@@ -35,11 +35,11 @@ def take_debug_flag(argv: list[str]) -> list[str]:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from finetune.datamodules.errors import CorruptImageError, DatasetNotFoundError
+    from finetune.datamodules.errors import DatasetNotFoundError
     from finetune.guards import NonFiniteLossError
 
-    # WeightsError is a ConfigError; CorruptImageError too (see finetune.datamodules.errors).
-    return (ConfigError, DatasetNotFoundError, CorruptImageError, NonFiniteLossError)
+    # ConfigError covers WeightsError and CorruptImageError, its subclasses.
+    return (ConfigError, DatasetNotFoundError, NonFiniteLossError)
 
 
 @contextlib.contextmanager

@@ -93,12 +93,13 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
         was_training = model.training
         model.eval()
         mine_features, mine_labels = pooled_features(model, self.source, split, module.device, indices=mine)
+        model.train(was_training)
+        if trainer.world_size == 1:
+            return mine_features, mine_labels
         features = torch.zeros(share, model.num_features)  # equal shares for all_gather: the last one padded
         labels = torch.zeros(share, dtype=torch.int64)
         features[:len(mine_labels)], labels[:len(mine_labels)] = mine_features, mine_labels
-        model.train(was_training)
-        if trainer.world_size > 1:
-            features, labels = self._gather(features), self._gather(labels)
+        features, labels = self._gather(features), self._gather(labels)
         return features[:len(dataset)], labels[:len(dataset)]
 
     def _gather(self, share: Tensor) -> Tensor:

@@ -59,11 +59,13 @@ class GracefulStop(L.Callback):
             self._trainer._signal_connector.received_sigterm = True  # Lightning's stop flag, checked every batch
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.received is None:
+            return
         # With gradient accumulation, raise the stop flag (checked right after this hook) only where an
         # optimizer step just happened: gradients accumulated over part of a window are in no checkpoint.
         progress = trainer.fit_loop.epoch_loop.batch_progress  # `ready` already counts this batch
         stepped = progress.current.ready % trainer.accumulate_grad_batches == 0
-        if self.received is not None and (stepped or progress.is_last_batch):
+        if stepped or progress.is_last_batch:
             trainer._signal_connector.received_sigterm = True
 
     def _restore(self) -> None:

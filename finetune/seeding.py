@@ -38,5 +38,5 @@ class RankSeed(L.Callback):
             return
         seed = rank_seed(self.seed, trainer.global_rank)
         torch.manual_seed(seed)  # CPU and every CUDA device
-        np.random.seed(seed % 2**32)
+        np.random.seed(seed)  # rank_seed is a uint32, what numpy accepts
         random.seed(seed)

@@ -21,7 +21,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
@@ -30,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.averaging import FitEMA
 from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable, load_resume_checkpoint
-from finetune.config_checks import data_target, validate_config
+from finetune.config_checks import EXTRA_TRAINER_KEYS, data_target, import_class, validate_config
 from finetune.config_store import register_defaults
-from finetune.errors import ConfigError, take_debug_flag, user_error_types, user_errors
+from finetune.errors import ConfigError, take_debug_flag, user_errors
 from finetune.features import CachedFeatureDataModule
 from finetune.guards import FiniteLossGuard
 from finetune.interrupts import GracefulStop, resume_command
@@ -95,13 +94,10 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The datamodule of `cfg.data`; mean/std left null here follow the model's weights later."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data = {k: v for k, v in data.items() if not (k in ("mean", "std") and v is None)}
-    data["_target_"] = data_target(data["_target_"])
-    try:
-        return instantiate(data, _convert_="all")  # plain lists: checkpoints must load with weights_only=True
-    except InstantiationException as e:  # Hydra's multi-line "Error in call to target" around our one-line errors
-        if isinstance(e.__cause__, user_error_types()):
-            raise e.__cause__ from None
-        raise
+    # A flat dict of plain values (lists, not ListConfigs: checkpoints must load with weights_only=True), so a
+    # direct call, which also keeps a constructor's one-line errors as they are (instantiate would wrap them).
+    datamodule_class = import_class(data_target(data.pop("_target_")), "data._target_")
+    return datamodule_class(**data)
 
 
 def build_module(
@@ -146,8 +142,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     The GPU defaults follow common practice; they are not yet measured here (no GPU lent so far).
     """
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("compile", None)
-    kwargs.pop("ema_decay", None)  # a callback: build_trainer adds it
+    for key in EXTRA_TRAINER_KEYS:  # ours, not Lightning's: build_module compiles, build_trainer adds the EMA callback
+        kwargs.pop(key, None)
     gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
     if kwargs.get("precision") is None:
         # Emulated bf16 (V100, T4) is slower than fp16 autocast: count only native support.

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from finetune.models.preprocessing import (
+    DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing,
+)
 from finetune.models.scaling import Scaling, round_filters, round_repeats
 
 Padding = Literal["symmetric", "same"]
@@ -66,7 +68,7 @@ class EfficientNetConfig:
     resolution: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"
+    interpolation: str = DEFAULT_INTERPOLATION
     crop_fraction: float = DEFAULT_CROP_FRACTION
     weights: str | None = None
     stages: tuple[StageSpec, ...] = field(default=BASE_STAGES, repr=False)

@@ -6,7 +6,9 @@ import math
 from numbers import Integral, Real
 
 from finetune.models.efficientnet import PADDINGS, EfficientNet, EfficientNetConfig
-from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD
+from finetune.models.preprocessing import (
+    DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, rgb_triple,
+)
 from finetune.models.scaling import VARIANTS, compound
 from finetune.models.sources import resolve_pretrained, unknown_family
 from finetune.models.weights import load_into
@@ -63,9 +65,9 @@ def create_model(
         drop_rate=scaling.dropout if drop_rate is None else drop_rate,
         drop_path_rate=drop_path_rate,
         resolution=resolution or scaling.resolution,
-        mean=_triple(mean, "mean") or (weights and weights.mean) or default_mean,
-        std=_triple(std, "std") or (weights and weights.std) or default_std,
-        interpolation=(weights and weights.interpolation) or "bicubic",
+        mean=rgb_triple(mean, "mean") if mean is not None else (weights and weights.mean) or default_mean,
+        std=rgb_triple(std, "std") if std is not None else (weights and weights.std) or default_std,
+        interpolation=(weights and weights.interpolation) or DEFAULT_INTERPOLATION,
         crop_fraction=(weights and weights.crop_fraction) or DEFAULT_CROP_FRACTION,
         weights=weights.origin if weights else None,
     )
@@ -90,11 +92,3 @@ def _check(num_classes, resolution, padding, bn_eps, drop_rate, drop_path_rate) 
         if value is not None and (not isinstance(value, Real) or not 0 <= value < 1 or math.isnan(value)):
             raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
 
-
-def _triple(value, key: str) -> tuple[float, float, float] | None:
-    if value is None:
-        return None
-    values = tuple(float(v) for v in value)
-    if len(values) != 3 or (key == "std" and min(values) <= 0):
-        raise ConfigError(f"{key} must be three numbers (per RGB channel){', all > 0' if key == 'std' else ''}, got {value!r}")
-    return values

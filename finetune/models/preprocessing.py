@@ -23,6 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Lite weights were trained on inputs scaled to [-1, 1].
 LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)
 INTERPOLATIONS = ("bilinear", "bicubic")
+#: The eval resize when the weights name none: what EfficientNets are evaluated with.
+DEFAULT_INTERPOLATION = "bicubic"
 #: The usual ImageNet eval protocol: resize so the centre crop keeps 87.5% of the side.
 DEFAULT_CROP_FRACTION = 0.875
 
@@ -34,12 +36,12 @@ class Preprocessing:
     resolution: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"
+    interpolation: str = DEFAULT_INTERPOLATION
     crop_fraction: float = DEFAULT_CROP_FRACTION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", _triple(self.mean, "mean"))
-        object.__setattr__(self, "std", _triple(self.std, "std"))
+        object.__setattr__(self, "mean", rgb_triple(self.mean, "mean"))
+        object.__setattr__(self, "std", rgb_triple(self.std, "std"))
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if not 0 < float(self.crop_fraction) <= 1:
@@ -62,11 +64,11 @@ class Preprocessing:
 
     def eval_transform(self) -> Callable[[Image.Image], Tensor]:
         """PIL image -> uint8 C×res×res: resize the shorter side, centre crop."""
-        from torchvision.transforms import v2
+        from torchvision.transforms import InterpolationMode, v2
 
         return v2.Compose([
             v2.PILToTensor(),
-            v2.Resize(self.resize_size, interpolation=_mode(self.interpolation), antialias=True),
+            v2.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
             v2.CenterCrop(self.resolution),
         ])
 
@@ -83,13 +85,8 @@ class Preprocessing:
         return (x.float() * std + mean).clamp(0, 1)
 
 
-def _mode(name: str):
-    from torchvision.transforms import InterpolationMode
-
-    return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
-
-
-def _triple(value: Any, key: str) -> tuple[float, float, float]:
+def rgb_triple(value: Any, key: str) -> tuple[float, float, float]:
+    """`value` as three floats, one per RGB channel (all > 0 for a `std`), or a one-line error naming `key`."""
     try:
         values = tuple(float(v) for v in value)
     except (TypeError, ValueError):

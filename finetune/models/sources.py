@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from finetune.errors import ConfigError
-from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD
+from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD
 from finetune.models.weights import (
     StateDict, WeightsError, detect_layout, load_safely, read_checkpoint, unwrap_state_dict,
 )
@@ -182,7 +182,7 @@ def _bare_weights(sd: StateDict, name: str, origin: str, hints: dict[str, Any]) 
     pad, eps = settings if settings is not None else (None, None)  # None: create_model refuses unless told
     return Pretrained(
         sd, origin, pad, eps, hints.get("mean", mean), hints.get("std", std),
-        hints.get("interpolation", "bicubic"), hints.get("crop_fraction", DEFAULT_CROP_FRACTION),
+        hints.get("interpolation", DEFAULT_INTERPOLATION), hints.get("crop_fraction", DEFAULT_CROP_FRACTION),
     )
 
 
@@ -212,7 +212,7 @@ def _timm_eval_settings(tag: str) -> tuple[str, float]:
     import timm.models
 
     cfg = timm.models.get_pretrained_cfg(tag)
-    return (cfg.interpolation, float(cfg.crop_pct)) if cfg is not None else ("bicubic", DEFAULT_CROP_FRACTION)
+    return (cfg.interpolation, float(cfg.crop_pct)) if cfg is not None else (DEFAULT_INTERPOLATION, DEFAULT_CROP_FRACTION)
 
 
 def _unreachable(url: str) -> str | None:
@@ -228,6 +228,11 @@ def _unreachable(url: str) -> str | None:
             return None
     except OSError as e:
         return f"{parts.hostname} unreachable: {e.strerror or type(e).__name__}"
+
+
+def _hub_cached(url: str) -> Path:
+    """Where `torch.hub.load_state_dict_from_url` keeps the file of `url`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(url).path)
 
 
 def _offline() -> bool:
@@ -256,8 +261,7 @@ def from_timm(tag: str) -> Pretrained:
             except Exception as e:  # noqa: BLE001 - any hub failure falls through to the URL
                 errors.append(f"hub {cfg.hf_hub_id}: {'offline and not cached' if _offline() else type(e).__name__}")
     if sd is None and cfg.url:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(cfg.url).path)
-        why = None if cached.is_file() else "HF_HUB_OFFLINE is set" if _offline() else _unreachable(cfg.url)
+        why = None if _hub_cached(cfg.url).is_file() else "HF_HUB_OFFLINE is set" if _offline() else _unreachable(cfg.url)
         if why:
             errors.append(why)
         else:
@@ -283,7 +287,7 @@ def from_torchvision(name: str) -> Pretrained:
     from torchvision.models import get_weight
 
     weights = get_weight(f"EfficientNet_{name.upper()}_Weights.IMAGENET1K_V1")
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(weights.url).path)
+    cached = _hub_cached(weights.url)
     why = None if cached.is_file() else _unreachable(weights.url)
     try:
         if why:
