@@ -36,11 +36,11 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics.classification import MulticlassRecall
 
 from finetune.config_checks import validate_config
-from finetune.datamodules.augment import TRAINING_ONLY_KEYS
+from finetune.datamodules.augment import augmenting_keys
 from finetune.errors import user_errors
-from finetune.evaluate import evaluate, split_predictions
 from finetune.models.efficientnet import EfficientNetConfig
 from finetune.models.profile import params_and_macs
 from finetune.train import build_datamodule, fit, run_command
@@ -72,7 +72,7 @@ class RunResult:
     val_acc: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     best_checkpoint: str | None = None
-    #: Validation accuracy of each class (its recall) for the best checkpoint.
+    #: Validation accuracy of each class (its recall) at the validation of the best val/acc: the best checkpoint's.
     per_class_acc: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,6 +128,51 @@ class RunStats(L.Callback):
             self._sampler.join()
 
 
+class ClassRecall(L.Callback):
+    """Each class's validation accuracy (its recall) at every validation of the fit, from the logits it scored.
+
+    The module's validation step returns its logits, so this takes no extra pass, and they
+    are what `val/acc` scored (with `trainer.ema_decay`, of the averaged weights swapped in).
+    torchmetrics syncs the counts across processes under DDP.
+    """
+
+    def __init__(self) -> None:
+        self.class_names: list[str] = []
+        #: (logged val/acc, recall of each class) of each validation, sanity check excluded.
+        self.validations: list[tuple[float, list[float]]] = []
+        self._recall: MulticlassRecall | None = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._recall is None:
+            self.class_names = pl_module.class_names
+            self._recall = MulticlassRecall(len(self.class_names), average="none")
+        self._recall = self._recall.to(pl_module.device)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._recall.update(outputs, batch[1])  # validation labels are class indices, never mixed targets
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        recall = self._recall.compute().tolist()
+        self._recall.reset()
+        acc = trainer.callback_metrics.get("val/acc")
+        if acc is not None:
+            self.validations.append((float(acc), recall))
+
+    def best(self) -> dict[str, float]:
+        """Class name -> recall at the first validation of the highest val/acc: the one ModelCheckpoint keeps
+        (monitor val/acc, mode max, replaced only by a strictly better score)."""
+        if not self.validations:
+            return {}
+        _, recall = max(self.validations, key=lambda v: v[0])  # max keeps the first of equal scores
+        return dict(zip(self.class_names, recall))
+
+
 def compose(overrides: list[str]) -> DictConfig:
     """The `compare` config for these overrides, inside a running Hydra app or from Python."""
     from hydra import compose as hydra_compose
@@ -169,7 +214,7 @@ def run_config(base: DictConfig, model: str, policy: str, several_models: bool) 
     if model != base.model.name:
         run.model = switch_option(base, "model", model)
     run.finetune = switch_option(base, "finetune", policy)
-    unaugmented = not base.data.get("augment", True) and not any(base.data.get(k) for k in TRAINING_ONLY_KEYS)
+    unaugmented = not augmenting_keys(base.data)
     run.finetune.cache_features = policy == "frozen" and bool(base.compare.cache_frozen_features) and unaugmented
     run.run_name = f"{model}/{policy}" if several_models else policy
     run.paths.output_dir = str(Path(base.paths.output_dir) / "runs" / run.run_name)
@@ -205,8 +250,8 @@ def option_node(group: str, option: str) -> DictConfig:
 
 def fit_run(cfg: DictConfig) -> RunResult:
     """One `fit`, measured, with its scores read back from its TensorBoard run."""
-    stats, start = RunStats(), time.perf_counter()
-    metrics = fit(cfg, extra_callbacks=[stats])
+    stats, recall, start = RunStats(), ClassRecall(), time.perf_counter()
+    metrics = fit(cfg, extra_callbacks=[stats, recall])
     total = time.perf_counter() - start
     series = read_scalars(Path(cfg.paths.tensorboard_dir) / cfg.run_name)
     val_acc = [v for _, v in series.get("val/acc", [])]
@@ -223,7 +268,7 @@ def fit_run(cfg: DictConfig) -> RunResult:
         cached_features=bool(cfg.finetune.cache_features),
         val_acc=val_acc, train_loss=[v for _, v in series.get("train/epoch_loss", [])],
         best_checkpoint=metrics.get("best_checkpoint"),
-        per_class_acc=per_class_accuracy(metrics.get("best_checkpoint"), cfg),
+        per_class_acc=recall.best(),
     )
 
 
@@ -238,14 +283,6 @@ def read_scalars(tensorboard_dir: str | Path) -> dict[str, list[tuple[int, float
         for tag in acc.Tags()["scalars"]:
             series.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return series
-
-
-def per_class_accuracy(checkpoint: str | None, cfg: DictConfig) -> dict[str, float]:
-    """Each class's validation accuracy for a checkpoint, through the pipeline training validated with."""
-    if not checkpoint:
-        return {}
-    report = evaluate(split_predictions(checkpoint, cfg, "val"))
-    return {c["class"]: c["recall"] for c in report["per_class"]}
 
 
 def per_class_table(results: list[RunResult]) -> str:

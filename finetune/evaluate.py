@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset
-from finetune.datamodules.index import scan
+from finetune.datamodules.index import class_folders, scan
 from finetune.errors import ConfigError, user_errors
 from finetune.models.preprocessing import Preprocessing
 from finetune.module import FineTuneModule
@@ -69,24 +70,22 @@ class Predictions:
         return self.preprocessing.denormalize(self.transform(images))
 
 
-def class_names(module: FineTuneModule) -> list[str]:
-    return list(module.hparams.get("class_names") or [str(i) for i in range(module.model.num_classes)])
-
-
 @torch.no_grad()
-def predict(module: FineTuneModule, batches: Iterable[Any],
-            to_input: Callable[[Any], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def predict(module: FineTuneModule, batches: Iterable[Any], to_input: Callable[[Any], tuple[Tensor, Tensor]],
+            channels_last: bool = True) -> tuple[Tensor, Tensor]:
     """Softmax probabilities (N×C) and labels (N) over `batches`, in their order.
 
     `to_input` turns a loader batch into (network input, labels), as training's device
-    transform does. channels_last like training's validation (the datamodules default to
-    it), so even near-ties between classes resolve as they did when val/acc was logged.
+    transform does. `channels_last` as training's validation had it (the datamodules default
+    to it), so even near-ties between classes resolve as they did when val/acc was logged.
     """
-    model = module.model.eval().to(memory_format=torch.channels_last)
+    model = module.model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     probs, labels = [], []
     for batch in batches:
         x, y = to_input(batch)
-        probs.append(model(x.contiguous(memory_format=torch.channels_last)).softmax(-1))
+        probs.append(model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).softmax(-1))
         labels.append(torch.as_tensor(y))
     return torch.cat(probs), torch.cat(labels)
 
@@ -120,7 +119,7 @@ def labelled_folder(inputs: list[str], names: list[str]) -> Path | None:
     if len(inputs) != 1 or not Path(inputs[0]).expanduser().is_dir():
         return None
     folder = Path(inputs[0]).expanduser()
-    subfolders = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    subfolders = {p.name for p in class_folders(folder)}
     if not subfolders & set(names):
         return None
     unknown = sorted(subfolders - set(names))
@@ -135,7 +134,7 @@ def labelled_folder(inputs: list[str], names: list[str]) -> Path | None:
 
 def folder_predictions(module: FineTuneModule, folder: Path, batch_size: int = 32, num_workers: int = 0) -> Predictions:
     """Predictions over `folder/<class>/**/<image>`, labelled by the checkpoint's class order."""
-    names = class_names(module)
+    names = module.class_names
     index = scan(folder, IMAGE_EXTENSIONS)  # the image-folder datamodule's own listing, decoding nothing
     if not len(index.paths):
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of '{folder}'")
@@ -155,25 +154,31 @@ def split_predictions(checkpoint: str | Path, cfg: DictConfig, split: str = "val
 
     module = FineTuneModule.from_checkpoint(checkpoint)
     datamodule = build_datamodule(cfg)
-    if list(datamodule.class_names) != class_names(module):
+    if list(datamodule.class_names) != module.class_names:
         raise ConfigError(f"'{checkpoint}' was trained on other classes than {cfg.data._target_} at {cfg.data.get('root')}")
     datamodule.set_preprocessing(module.preprocessing)
     dataset = datamodule.dataset(split)
     transform = partial(datamodule.device_transform, train=False)
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-    probs, labels = predict(module, loader, partial(datamodule.device_batch, train=False))  # decode=device too
+    probs, labels = predict(module, loader, partial(datamodule.device_batch, train=False),  # decode=device too
+                            channels_last=getattr(datamodule, "channels_last", False))  # as train.build_module sets it
     files = getattr(dataset, "files", None)
     items = [str(f) for f in files] if files is not None else [f"{split}[{i}]" for i in range(len(labels))]
-    return Predictions(probs, labels, items, class_names(module), dataset, transform, module.preprocessing)
+    return Predictions(probs, labels, items, module.class_names, dataset, transform, module.preprocessing)
 
 
 def evaluate(predictions: Predictions, output: Path | None = None) -> dict[str, Any]:
     """The classification report of `predictions`; with `output`, also its files (see REPORT_FILES)."""
     p = predictions
     report = classification_report(p.probs, p.labels, p.class_names)
-    if output is None:
-        return report
-    output = writable_folder(output)
+    if output is not None:
+        write_report(p, report, writable_folder(output))
+    return report
+
+
+def write_report(predictions: Predictions, report: dict[str, Any], output: Path) -> None:
+    """The files of REPORT_FILES for `predictions` and their `report` into `output`, a folder that exists."""
+    p = predictions
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (output / "report.md").write_text(markdown_report(report))
     _save(confusion_figure(report["confusion_matrix"], p.class_names), output / "confusion_matrix.png")
@@ -185,7 +190,6 @@ def evaluate(predictions: Predictions, output: Path | None = None) -> dict[str, 
               f"{'/'.join(Path(p.items[i]).parts[-2:])}" for i in worst]
     _save(errors_figure(p.network_view(worst), titles), output / "errors.png")
     write_predictions_csv(p, output / "predictions.csv")
-    return report
 
 
 def write_predictions_csv(predictions: Predictions, path: Path) -> None:
@@ -201,10 +205,12 @@ def write_predictions_csv(predictions: Predictions, path: Path) -> None:
 
 
 def writable_folder(path: Path) -> Path:
-    """`path`, created if needed; a one-line error where it cannot be."""
+    """`path`, created if needed; a one-line error where it cannot be, or where it refuses new files."""
     path = Path(path).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # an existing folder may still refuse files
+            pass
     except OSError as e:
         raise ConfigError(f"cannot write to '{path}': {e.strerror or e}; choose another --output") from None
     return path
@@ -223,7 +229,7 @@ def list_predictions(module: FineTuneModule, inputs: list[str], top_k: int, csv_
     dataset = ImageFileDataset(paths, [-1] * len(paths), preprocessing.eval_transform())
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     probs, _ = predict(module, loader, _normalized(preprocessing))
-    names = class_names(module)
+    names = module.class_names
     values, indices = probs.topk(min(top_k, len(names)), dim=-1)
     rows = [(str(path), rank + 1, names[i], f"{v:.4f}") for path, vs, ids in zip(paths, values.tolist(), indices.tolist())
             for rank, (v, i) in enumerate(zip(vs, ids))]
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"need --top-k >= 1, --batch-size >= 1, --num-workers >= 0; "
                               f"got {args.top_k}, {args.batch_size}, {args.num_workers}")
         module = FineTuneModule.from_checkpoint(Path(args.checkpoint).expanduser())
-        folder = labelled_folder(args.images, class_names(module))
+        folder = labelled_folder(args.images, module.class_names)
         if folder is None:
             if args.output:
                 raise ConfigError("--output writes a report for a labelled folder (one sub-folder per class, named as "
@@ -268,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"'{folder}' is labelled (class sub-folders): its predictions go to "
                               "<--output>/predictions.csv; drop --csv")
         output = writable_folder(args.output) if args.output else None  # fail before the long part
-        report = evaluate(folder_predictions(module, folder, args.batch_size, args.num_workers), output)
+        predictions = folder_predictions(module, folder, args.batch_size, args.num_workers)
+        report = evaluate(predictions)
+        if output:
+            write_report(predictions, report, output)
         print(summary(report))
         if output:
             print(f"written to {output}: {', '.join(REPORT_FILES)}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError, user_errors
+from finetune.evaluate import writable_folder
 from finetune.models import EfficientNet
 from finetune.module import FineTuneModule
 
@@ -44,12 +44,11 @@ class ExportMismatchError(RuntimeError):
 def model_card(module: FineTuneModule, fmt: str, file: Path) -> dict[str, Any]:
     """Everything needed to run the export on an image without this package (the content of model.json)."""
     config, pre = module.model.config, module.preprocessing
-    names = list(module.hparams.get("class_names") or [str(i) for i in range(config.num_classes)])
     return {
         "format": fmt,
         "file": file.name,
         "variant": config.name,
-        "classes": names,
+        "classes": module.class_names,
         "num_classes": config.num_classes,
         "resolution": pre.resolution,
         "resize": pre.resize_size,
@@ -174,12 +173,7 @@ def writable_file(path: Path) -> Path:
         raise ConfigError("model.json is written beside the export; name the export otherwise (e.g. model.onnx)")
     if path.is_dir():
         raise ConfigError(f"--output '{path}' is a folder; give a file name, e.g. {path / 'model.onnx'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot write to '{path}': {e.strerror or e}; choose another --output") from None
+    writable_folder(path.parent)
     return path
 
 

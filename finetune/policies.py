@@ -16,7 +16,8 @@ import lightning as L
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune.config_rules import BOOL, Rule, integer, name, one_of
+from finetune.config_rules import BOOL, Rule, integer, one_of
+from finetune.config_rules import name as name_rule
 from finetune.errors import ConfigError
 from finetune.models import EfficientNet
 
@@ -29,7 +30,7 @@ RENAMED_BN_MODES = {"frozen": "eval"}
 def finetune_rules(num_stages: int) -> dict[str, Rule]:
     """What each `FinetunePolicy` field (a `finetune.*` key) must be: checked by `validate` and by `validate_config`."""
     return {
-        "name": name("finetune policy", POLICIES),
+        "name": name_rule("finetune policy", POLICIES),
         "trainable_stages": integer(0, num_stages),
         "unfreeze_at_epoch": integer(0),
         "bn": one_of(*BN_MODES, *RENAMED_BN_MODES),

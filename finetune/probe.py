@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from finetune.checkpointing import atomic_save
+from finetune.config_rules import POSITIVE, integer
 from finetune.datamodules.base import Split
 from finetune.errors import ConfigError
 from finetune.features import pooled_features
@@ -74,13 +75,9 @@ class ProbeSettings:
         if unknown:
             raise ConfigError(f"probe.{unknown[0]} is unknown; valid probe settings: {', '.join(valid)}")
         for key in ("l2_min", "l2_max", "tolerance"):
-            value = values.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"probe.{key} must be a positive number, got {value!r}")
+            POSITIVE.check(f"probe.{key}", values.get(key))
         for key in ("l2_steps", "max_iter"):
-            value = values.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"probe.{key} must be an integer >= 1, got {value!r}")
+            integer(1).check(f"probe.{key}", values.get(key))
         if values["l2_min"] > values["l2_max"]:
             raise ConfigError(f"probe.l2_min={values['l2_min']} exceeds probe.l2_max={values['l2_max']}; swap them")
         return cls(**{k: (float(v) if k in ("l2_min", "l2_max", "tolerance") else v) for k, v in values.items()})

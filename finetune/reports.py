@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MetricCollection
@@ -206,30 +205,22 @@ class TestReport(L.Callback):
     """At the end of `trainer.test`: the report's averaged metrics and ECE as `test/*` scalars, plus
     the confusion matrix figure and the per-class table in TensorBoard.
 
-    The logits come from a forward hook on the module's own test step, so testing runs no extra
+    The logits are what the module's test step returns (`outputs`), so testing runs no extra
     pass; torchmetrics syncs the states across processes under DDP.
     """
 
     def __init__(self) -> None:
         self._metrics: MetricCollection | None = None
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._logits: Tensor | None = None
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metrics = report_metrics(pl_module.hparams["num_classes"]).to(pl_module.device)
-        self._hook = pl_module.register_forward_hook(self._keep_logits)
-
-    def _keep_logits(self, module: torch.nn.Module, args: Any, output: Tensor) -> None:
-        self._logits = output.detach()
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._metrics.update(self._logits.float().softmax(-1), batch[1])
+        self._metrics.update(outputs.float().softmax(-1), batch[1])
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._hook.remove()
-        num_classes = pl_module.hparams["num_classes"]
-        names = list(pl_module.hparams.get("class_names") or [str(i) for i in range(num_classes)])
+        names = pl_module.class_names
         report = summarize(self._metrics.compute(), names)
         scalars = {"test/ece": report["expected_calibration_error"]}
         for average in ("macro", "weighted"):
@@ -242,4 +233,4 @@ class TestReport(L.Callback):
                 logger.experiment.add_figure("test/confusion_matrix", fig, trainer.global_step, close=False)
                 logger.experiment.add_text("test/report", markdown_report(report), trainer.global_step)
             plt.close(fig)
-        self._metrics = self._logits = self._hook = None
+        self._metrics = None

@@ -26,6 +26,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from finetune.config_rules import integer
 from finetune.errors import ConfigError, user_errors
 from finetune.guards import NonFiniteLossError
 
@@ -94,8 +95,7 @@ def _checked_settings(settings: DictConfig, overrides: list[str]) -> tuple[dict[
     """The search space and the trial budget, and a refusal of overrides that would defeat them."""
     space = parse_space(settings.get("params"))
     n_trials = settings.get("n_trials")
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise ConfigError(f"{GROUP}.n_trials must be an integer >= 1, got {n_trials!r}")
+    integer(1).check(f"{GROUP}.n_trials", n_trials)
     keys = {arg.split("=", 1)[0].lstrip("+~") for arg in overrides}
     if "ckpt_path" in keys:
         raise ConfigError(f"ckpt_path does not apply to {GROUP}: every trial starts from the pretrained weights; "
