@@ -7,22 +7,31 @@ so it cannot stop a trial early (lightning-hydra-template #176). Here Optuna (>=
 Optuna's Lightning pruning callback reporting `val/acc` every epoch, and stops as soon as
 the pruner (median by default) judges it worse than the trials before it. The study lives in
 SQLite in the sweep directory, so re-running the same command resumes it and runs only the
-trials still missing, and `optuna-dashboard sqlite:///<dir>/optuna.db` can inspect it.
+trials still missing, and `optuna-dashboard sqlite:///<dir>/optuna.db` can inspect it. Several
+processes (one per device) may run the same command against one storage: together they stop
+at `n_trials`, each proposing its own points. A trial that runs out of memory is recorded
+failed and the search goes on; one ended by a stop signal, or whose process died, is recorded
+failed too, and re-running the command runs a trial in its place.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 import yaml
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.memory import is_oom_error
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
@@ -37,9 +46,15 @@ RESULTS_FILE = "optimization_results.yaml"
 #: Keys each parameter type takes besides `type`.
 PARAM_KEYS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"), "categorical": ("choices",)}
 #: Overrides that may change between runs of one study: extending a search is the point of resuming it.
-RESUMABLE_CHANGES = (f"{GROUP}.n_trials",)
-#: Trials that used up part of the budget; failed ones (a crash, an interrupt) run again when the search resumes.
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RESUMABLE_CHANGES = (f"{GROUP}.n_trials", f"{GROUP}.heartbeat_interval")
+#: Trials that hold part of the budget: finished ones, and those running in this or another process, so that
+#: parallel workers stop together at n_trials. Failed ones (out of memory, stopped, their process dead) do not:
+#: re-running the search runs trials in their place.
+BUDGET = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+class TrialOutOfMemory(Exception):
+    """A trial ran out of memory: Optuna records it failed, and the search goes on with the next one."""
 
 
 def main(argv: Sequence[str]) -> None:
@@ -60,11 +75,7 @@ def search(argv: Sequence[str]) -> optuna.Study:
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     storage = settings.get("storage") or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
-    study = optuna.create_study(
-        study_name=settings.study_name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=_instantiate(settings.sampler, f"{GROUP}.sampler", optuna.samplers.BaseSampler),
-        pruner=_instantiate(settings.pruner, f"{GROUP}.pruner", optuna.pruners.BasePruner),
-    )
+    study = _create_or_join(settings, storage)
     _check_same_search(study, overrides, storage)
 
     def objective(trial: optuna.Trial) -> float:
@@ -80,15 +91,65 @@ def search(argv: Sequence[str]) -> optuna.Study:
         except NonFiniteLossError as e:  # a bad point of the space, stopped early: what pruning means
             trial.set_user_attr("diverged", " ".join(str(e).split()))
             raise optuna.TrialPruned(f"diverged: {e}") from None
+        except RuntimeError as e:
+            if not (isinstance(e, torch.OutOfMemoryError) or is_oom_error(e)):
+                raise
+            # Not pruned: the point was never judged (a smaller batch or resolution might fit it).
+            reason = " ".join(str(e).split())
+            trial.set_user_attr("out_of_memory", reason)
+            raise TrialOutOfMemory(reason) from None
+        except SystemExit as e:
+            # A stop signal: fit saved the trial's checkpoint and printed the search's command to resume with. Optuna
+            # fails a trial on KeyboardInterrupt but leaves it RUNNING on SystemExit, so fail it here.
+            trial.set_user_attr("stopped", f"exit status {e.code}")
+            trial.study.tell(trial, state=TrialState.FAIL)
+            raise
         return metrics["best_val_acc"]
 
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    _fail_dead_trials(study)
+    remaining = n_trials - len(study.get_trials(deepcopy=False, states=BUDGET))
     results = sweep_dir / RESULTS_FILE
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, callbacks=[lambda study, _: write_results(study, results)])
-    write_results(study, results)
+    try:
+        if remaining > 0:
+            # MaxTrialsCallback stops this process once the study holds n_trials, other processes' trials included;
+            # n_trials=remaining bounds a run whose every trial fails. gc_after_trial: a trial's model and its CUDA
+            # memory sit in reference cycles (trainer <-> callbacks) that would otherwise outlive it.
+            study.optimize(objective, n_trials=remaining, catch=(TrialOutOfMemory,), gc_after_trial=True, callbacks=[
+                MaxTrialsCallback(n_trials, states=BUDGET), lambda study, _: write_results(study, results)])
+    finally:
+        write_results(study, results)
     _report(study, results)
     return study
+
+
+def _create_or_join(settings: DictConfig, storage_url: str) -> optuna.Study:
+    """The study, created by this process or joined: resumed, or run by several processes at once."""
+    sampler = _instantiate(settings.sampler, f"{GROUP}.sampler", optuna.samplers.BaseSampler)
+    pruner = _instantiate(settings.pruner, f"{GROUP}.pruner", optuna.pruners.BasePruner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats have been experimental since Optuna 2.9
+        storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=settings.heartbeat_interval)
+    name = settings.study_name
+    try:
+        return optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                   pruner=pruner)
+    except DuplicatedStudyError:
+        # From its configured seed the sampler would propose again the points the study's first process proposed:
+        # its start-up points on a resumed search, the same points in parallel processes. Only the process that
+        # creates the study (one, by the storage's unique name) keeps the seed; the others reseed, as Optuna
+        # reseeds its own parallel workers (n_jobs > 1).
+        sampler.reseed_rng()
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def _fail_dead_trials(study: optuna.Study) -> None:
+    """Fail the RUNNING trials of processes that died (SIGKILL, a lost node): no heartbeat for two intervals.
+
+    Optuna does so before each trial; before the budget is counted too, or their trials would hold part of it.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _checked_settings(settings: DictConfig, overrides: list[str]) -> tuple[dict[str, BaseDistribution], int]:
@@ -96,6 +157,7 @@ def _checked_settings(settings: DictConfig, overrides: list[str]) -> tuple[dict[
     space = parse_space(settings.get("params"))
     n_trials = settings.get("n_trials")
     integer(1).check(f"{GROUP}.n_trials", n_trials)
+    integer(1).check(f"{GROUP}.heartbeat_interval", settings.get("heartbeat_interval"))
     keys = {arg.split("=", 1)[0].lstrip("+~") for arg in overrides}
     if "ckpt_path" in keys:
         raise ConfigError(f"ckpt_path does not apply to {GROUP}: every trial starts from the pretrained weights; "

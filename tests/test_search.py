@@ -1,10 +1,19 @@
-"""`finetune -m hparams_search=optuna`: a weak trial is pruned after its first epoch, and re-running resumes the study."""
+"""`finetune -m hparams_search=optuna`: a weak trial is pruned after its first epoch, and re-running resumes the study.
+
+Resumed and parallel searches propose new points and stop together at n_trials; a trial out of memory, stopped by a
+signal or in a killed process is recorded failed, and the search goes on or resumes with the command it printed.
+"""
 
 import csv
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -12,7 +21,8 @@ import yaml
 from optuna.trial import TrialState
 
 from finetune.errors import ConfigError
-from finetune.search import search
+from finetune.search import search, suggest
+from helpers import write_digits_folder
 
 #: Three epochs of two batches each, a frozen backbone and only the learning rate searched; the median
 #: pruner may judge a trial from its first epoch on, as soon as one trial has finished.
@@ -96,3 +106,138 @@ def test_search_settings_are_checked_before_any_trial(tmp_path, overrides, messa
     with pytest.raises(ConfigError, match=message):
         search([*base, f"hydra.sweep.dir={tmp_path}", *overrides])
     assert not (tmp_path / "optuna.db").exists()
+
+
+FINETUNE = Path(sys.executable).with_name("finetune")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: The default search, each trial one epoch on the CPU.
+ONE_EPOCH = ["-m", "hparams_search=optuna", "model=lite0", "trainer=cpu", "trainer.max_epochs=1",
+             "trainer.enable_progress_bar=false", "logger=csv"]
+#: A resolution whose first activation (the digits' upsampling, on the device) no allocator can provide: a real
+#: out-of-memory error, at once.
+TOO_LARGE = 10_000_000
+
+
+def tiny_search(tmp_path) -> list[str]:
+    """The default search on a real image folder (70 training images in 5 batches)."""
+    data = write_digits_folder(tmp_path / "digits", per_class=10)
+    return [*ONE_EPOCH, "model.resolution=32", "data=imagefolder", f"data.root={data}", "data.batch_size=16",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+
+
+def storage_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}"
+
+
+def cli_env(tmp_path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def test_a_resumed_search_proposes_new_points(tmp_path):
+    args = tiny_search(tmp_path)
+    search([*args, "hparams_search.n_trials=2"])
+    trials = search([*args, "hparams_search.n_trials=4"]).trials
+
+    assert [t.state in FINISHED for t in trials] == [True] * 4
+    first, resumed = [t.params for t in trials[:2]], [t.params for t in trials[2:]]
+    assert not [p for p in resumed if p in first]  # a sampler restarted from its seed proposes trial 0's point again
+    # The process that created the study kept the configured seed: its first point is TPE's first from seed 42.
+    reference = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=42, n_startup_trials=10)).ask()
+    assert first[0] == {name: suggest(reference, name, d) for name, d in trials[0].distributions.items()}
+
+
+def test_parallel_searches_share_the_budget_and_propose_their_own_points(tmp_path):
+    args = [*tiny_search(tmp_path), "hparams_search.n_trials=2"]
+    (tmp_path / "sweep").mkdir()
+    # The storage exists before its workers start: SQLAlchemy's table creation races between processes that start
+    # at the same instant (sqlalchemy#4936). The study itself is left to the workers.
+    optuna.storages.RDBStorage(storage_url(tmp_path))
+    workers = [subprocess.Popen([str(FINETUNE), *args], cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [worker.communicate(timeout=300)[1] for worker in workers]
+
+    assert [worker.returncode for worker in workers] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    trials = optuna.load_study(study_name="train_optuna", storage=storage_url(tmp_path)).trials
+    assert [t.state in FINISHED for t in trials] == [True, True]  # not 4: each worker alone would run 2
+    assert trials[0].params != trials[1].params
+    assert [len(re.findall(r"Trial \d+ (?:finished with value|pruned)", log)) for log in logs] == [1, 1]  # one each
+
+
+def test_trials_running_in_another_process_hold_their_place_in_the_budget(tmp_path):
+    (tmp_path / "sweep").mkdir()
+    study = optuna.create_study(study_name="train_optuna", storage=storage_url(tmp_path), direction="maximize")
+    elsewhere = study.ask()  # what a process running this search holds while its trial trains
+
+    search([*tiny_search(tmp_path), "hparams_search.n_trials=1"])
+
+    assert [t.number for t in optuna.load_study(study_name="train_optuna", storage=storage_url(tmp_path)).trials] == [
+        elsewhere.number]
+
+
+def test_a_trial_out_of_memory_is_failed_and_the_search_goes_on(tmp_path):
+    searched = "+hparams_search.params.model.resolution={type: categorical, choices: [32, %d]}" % TOO_LARGE
+    args = [*ONE_EPOCH, "data=digits", searched, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    (tmp_path / "sweep").mkdir()
+    study = optuna.create_study(study_name="train_optuna", storage=storage_url(tmp_path), direction="maximize")
+    study.enqueue_trial({"model.resolution": TOO_LARGE})
+    study.enqueue_trial({"model.resolution": 32})
+
+    search([*args, "hparams_search.n_trials=2"])
+
+    too_large, fitting = optuna.load_study(study_name="train_optuna", storage=storage_url(tmp_path)).trials
+    assert too_large.state == TrialState.FAIL
+    assert "can't allocate memory" in too_large.user_attrs["out_of_memory"]
+    assert fitting.state == TrialState.COMPLETE and fitting.params["model.resolution"] == 32
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert results["n_trials"] == {"complete": 1, "pruned": 0, "failed": 1}
+
+
+#: What a scheduler does to a running trial: SIGTERM, here at the end of the first training batch of the process.
+STOP_ONCE = """
+import os, signal
+import lightning as L
+
+class StopOnce(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if os.environ.pop("STOP_SEARCH", None):
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_a_stopped_search_fails_its_trial_and_resumes_with_the_command_it_printed(tmp_path):
+    (tmp_path / "stop_once.py").write_text(STOP_ONCE)
+    args = [*tiny_search(tmp_path), "+callbacks.stop._target_=stop_once.StopOnce", "hparams_search.n_trials=2"]
+    stopped = subprocess.run([str(FINETUNE), *args], cwd=tmp_path, env={**cli_env(tmp_path), "STOP_SEARCH": "1"},
+                             capture_output=True, text=True, timeout=300)
+
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    (trial,) = optuna.load_study(study_name="train_optuna", storage=storage_url(tmp_path)).trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["stopped"] == "exit status 143"
+    (line,) = [line for line in stopped.stderr.splitlines() if line.startswith("stopped by SIGTERM")]
+    command = shlex.split(line.rpartition("resume with: ")[2])
+    assert command == ["finetune", *args], line  # the search's own, not the trial's ckpt_path that it refuses
+
+    resumed = subprocess.run([str(FINETUNE), *command[1:]], cwd=tmp_path, env=cli_env(tmp_path),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = optuna.load_study(study_name="train_optuna", storage=storage_url(tmp_path)).trials
+    assert trials[0].state == TrialState.FAIL and [t.state in FINISHED for t in trials[1:]] == [True, True]
+
+
+def test_a_killed_search_resumes_in_place_of_its_dead_trial(tmp_path):
+    args = [*tiny_search(tmp_path), "hparams_search.heartbeat_interval=1", "hparams_search.n_trials=1"]
+    killed = subprocess.Popen([str(FINETUNE), *args], cwd=tmp_path, env=cli_env(tmp_path),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "sweep" / "0").exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # until trial 0 is fitting: its heartbeat thread has beaten
+    os.killpg(killed.pid, signal.SIGKILL)  # a lost node, or the kernel's OOM killer: no handler runs
+    assert killed.wait() == -signal.SIGKILL
+
+    resumed = subprocess.run([str(FINETUNE), *args], cwd=tmp_path, env=cli_env(tmp_path),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = optuna.load_study(study_name="train_optuna", storage=storage_url(tmp_path)).trials
+    assert trials[0].state == TrialState.FAIL and [t.state in FINISHED for t in trials[1:]] == [True]
+
