@@ -14,6 +14,7 @@ import contextlib
 import glob
 import os
 import random
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from finetune.models.weights import WeightsError, load_safely
 
 TEMP_SUFFIX = ".tmp"
+#: This host's name in temporary file names, without the dots that separate their fields.
+_HOST = socket.gethostname().replace(".", "-") or "host"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """`torch.save` to a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "x" (not mkstemp) so the file gets the umask's permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+    # A unique name opened with "x" (not mkstemp) so the file gets the umask's permissions, not 0600; the host
+    # and pid in it tell whether its writer still runs (`_remove_dead_writers_files`).
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
     try:
         with open(tmp, "xb") as f:
             torch.save(obj, f)
@@ -49,9 +53,32 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):  # left by killed writers
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+    _remove_dead_writers_files(path)
+
+
+def _remove_dead_writers_files(path: Path) -> None:
+    """Delete the temporary files that killed writers of `path` left, on this host; never a live writer's.
+
+    On a shared folder another process (a second run, another rank or node) may be writing
+    the same target right now: its temporary file is left alone, or its rename would fail.
+    A file from another host is left too: whether its writer lives cannot be told from here.
+    """
+    prefix = f".{path.name}.{_HOST}."
+    for temp in path.parent.glob(f"{glob.escape(prefix)}*{TEMP_SUFFIX}"):
+        pid = temp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

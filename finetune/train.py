@@ -34,7 +34,7 @@ from finetune.config_store import register_defaults
 from finetune.errors import ConfigError, take_debug_flag, user_errors
 from finetune.features import CachedFeatureDataModule
 from finetune.guards import FiniteLossGuard
-from finetune.interrupts import GracefulStop, resume_command
+from finetune.interrupts import GracefulStop, last_checkpoint_path, resume_command
 from finetune.models.scaling import VARIANTS, compound
 from finetune.module import FineTuneModule
 from finetune.policies import DDPPolicySetup, FinetunePolicy
@@ -131,6 +131,7 @@ def build_module(
     if resume is None and mean is not None:  # data overrides of the weights' normalisation (both, or neither)
         module.preprocessing = replace(module.preprocessing, mean=tuple(mean), std=tuple(std))
     datamodule.set_preprocessing(module.preprocessing)
+    module.preprocessing = datamodule.preprocessing  # what validation does (in-memory data: the whole image)
     if getattr(datamodule, "channels_last", False):
         module.model.to(memory_format=torch.channels_last)
     return module
@@ -221,11 +222,7 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # a stop signal: GracefulStop saved the checkpoint
-        if trainer.is_global_zero:
-            where = f"saved {stop.checkpoint}; resume with: {resume_command(sys.argv, stop.checkpoint, cfg.paths.output_dir)}"
-            print(f"stopped by {signal.Signals(stop.received).name} at epoch {trainer.current_epoch}, "
-                  f"step {trainer.global_step}; {where}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_status)
+        _exit_stopped(trainer, stop.stopping, stop.checkpoint, cfg)
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint else ""
@@ -235,12 +232,25 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
     }
     if cfg.get("test_after_fit") and datamodule.has_test:
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        try:
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        except SIGTERMException:  # training is complete: resuming from last.ckpt only tests
+            _exit_stopped(trainer, signal.SIGTERM, last_checkpoint_path(trainer), cfg)
         metrics.update({k: _number(v) for k, v in (results[0] if results else {}).items()})
     if trainer.is_global_zero:
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _exit_stopped(trainer: L.Trainer, signum: int | None, checkpoint: Path | None, cfg: DictConfig) -> None:
+    """Say where the run stopped and the command that resumes it, then exit 128 + the signal number."""
+    signum = int(signum or signal.SIGTERM)
+    if trainer.is_global_zero:
+        where = f"saved {checkpoint}; resume with: {resume_command(sys.argv, checkpoint, cfg.paths.output_dir)}"
+        print(f"stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, "
+              f"step {trainer.global_step}; {where}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def _number(value: Any) -> float:
