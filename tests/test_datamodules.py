@@ -467,8 +467,8 @@ def test_folder_split_layout(folder_root: Path) -> None:
 
 
 def test_folder_single_layout_split(single_root: Path) -> None:
-    def split(seed: int) -> tuple[list[Path], list[Path]]:
-        dm = ImageFolderDataModule(root=str(single_root), num_workers=0, seed=seed)
+    def split(seed: int, split_seed: int = 0) -> tuple[list[Path], list[Path]]:
+        dm = ImageFolderDataModule(root=str(single_root), num_workers=0, seed=seed, split_seed=split_seed)
         dm.setup("fit")
         return list(dm.dataset("train").files), list(dm.dataset("val").files)
 
@@ -476,7 +476,8 @@ def test_folder_single_layout_split(single_root: Path) -> None:
     assert ImageFolderDataModule(root=str(single_root)).class_names == ["circle", "square", "triangle"]
     assert len(train) == 24 and len(val) == 6 and not set(train) & set(val)
     assert sorted(p.parent.name for p in val) == ["circle"] * 2 + ["square"] * 2 + ["triangle"] * 2
-    assert split(0) == (train, val) and split(1)[1] != val
+    assert split(0) == split(1) == (train, val)  # the training seed does not move the split
+    assert split(0, split_seed=1)[1] != val
     assert not ImageFolderDataModule(root=str(single_root)).has_test
 
 
