@@ -34,7 +34,13 @@ ANNOTATED_CLASSES = 20
 
 
 def report_metrics(num_classes: int) -> MetricCollection:
-    """The metrics of a classification report; feed them softmax probabilities and integer labels."""
+    """The metrics of a classification report; feed them softmax probabilities and integer labels.
+
+    The compute groups are given, not found: torchmetrics would merge metrics whose states are
+    equal after the first update, and when every image of that batch is right, top-1 and top-5
+    counts agree, so precision, recall and F1 would go on counting top-5 hits. The nine
+    precision/recall/F1 metrics do share one state (per-class top-1 stat scores), updated once.
+    """
     top_k = min(5, num_classes)
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -47,7 +53,8 @@ def report_metrics(num_classes: int) -> MetricCollection:
         metrics[f"precision{suffix}"] = MulticlassPrecision(num_classes, average=average)
         metrics[f"recall{suffix}"] = MulticlassRecall(num_classes, average=average)
         metrics[f"f1{suffix}"] = MulticlassF1Score(num_classes, average=average)
-    return MetricCollection(metrics)
+    stat_scores = [name for name in metrics if name.startswith(("precision", "recall", "f1"))]
+    return MetricCollection(metrics, compute_groups=[stat_scores])
 
 
 def classification_report(probs: Tensor, labels: Tensor, class_names: list[str]) -> dict[str, Any]:
