@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
+from torchvision.transforms.v2 import functional as T2
 from tqdm.auto import tqdm
 
 from finetune.datamodules.errors import CorruptImageError
@@ -38,6 +39,8 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _PROGRESS_THRESHOLD = 1000
 #: Random draws for a stand-in before giving up: only a mostly unreadable dataset exhausts them.
 _STAND_IN_DRAWS = 100
+#: PIL's greyscale modes wider than 8 bits, which `convert("RGB")` clips at 255 (PIL reduces 16-bit RGB itself).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 #: What PIL raises for a file it cannot open or decode.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -66,11 +69,33 @@ def open_image(source: str | Path | BinaryIO) -> Image.Image:
 
 
 def decode_rgb(image: Image.Image) -> Image.Image:
-    """Decode an opened image to RGB; a truncated or broken file raises UnreadableImage."""
+    """Decode an opened image to RGB; a truncated or broken file raises UnreadableImage.
+
+    PIL's `convert("RGB")` clips greyscale of more than 8 bits at 255, so a 16-bit PNG or TIFF
+    would come out white: those are scaled to 8 bits first (`eight_bit_grey`).
+    """
     try:
+        if image.mode in _WIDE_GREY_MODES:
+            image = eight_bit_grey(image)
         return image.convert("RGB")
     except _PIL_ERRORS as error:
         raise UnreadableImage(str(error) or type(error).__name__) from error
+
+
+def eight_bit_grey(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (modes I;16*, or I within 0..65535) as 8-bit "L", scaled over the full 16-bit range.
+
+    The scaling is torchvision's `to_dtype(..., scale=True)` (the high byte, 65535 -> 255), which is
+    also how torchvision's `decode_image` + `ToDtype` and PIL's own 16-bit RGB decoding reduce 16 bits,
+    so every 16-bit image reaches the network alike. Wider values have no fixed range and are refused.
+    """
+    values = np.asarray(image)
+    if image.mode == "F" or values.min() < 0 or values.max() > 65535:
+        kind = "floating-point" if image.mode == "F" else "32-bit integer"
+        raise UnreadableImage(f"{kind} pixels (PIL mode {image.mode}, values {values.min()} to {values.max()}) "
+                              f"have no fixed range to scale to 8 bits; save the image with 8 or 16 bits a channel")
+    sixteen = torch.from_numpy(values.astype(np.uint16))  # native byte order, whatever the file's was
+    return Image.fromarray(T2.to_dtype(sixteen, torch.uint8, scale=True).numpy())
 
 
 def train_crop_params(image: Image.Image | Tensor) -> tuple[int, int, int, int, bool]:
@@ -227,13 +252,18 @@ def _decode_error(path: Path) -> str | None:
 
     JPEGs are decoded in draft mode (DCT-scaled, ~8x fewer pixels): that still consumes
     the whole entropy-coded stream, so truncation is caught, at a fraction of the cost.
+    Greyscale wider than 8 bits is also scaled, so pixels without a fixed range are found here too.
     """
     try:
         with Image.open(path) as image:
             image.draft("RGB", (1, 1))
             image.load()
+            if image.mode in _WIDE_GREY_MODES:
+                eight_bit_grey(image)
     except _PIL_ERRORS as error:
         return str(error) or type(error).__name__
+    except UnreadableImage as error:
+        return str(error)
     return None
 
 
