@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -13,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from finetune.compare import compare, compose, pareto_front, read_scalars, run_config
 from finetune.errors import ConfigError
+from finetune.evaluate import split_predictions
 from finetune.features import CachedFeatureDataModule
 from finetune.module import FineTuneModule
 from finetune.train import build_datamodule, build_module
@@ -43,21 +45,33 @@ def test_compare_writes_one_row_per_policy_agreeing_with_tensorboard(tiny_folder
     assert [r.policy for r in results] == ["frozen", "partial", "full"]
     rows = json.loads((tmp_path / "comparison.json").read_text())
     assert [r["policy"] for r in rows] == ["frozen", "partial", "full"]
+    cfg = compose_config(_overrides(tiny_folder), tmp_path / "cfg")
+    train_images = len(build_datamodule(cfg).dataset("train"))
+    batch_sizes = [8] * (train_images // 8) + ([train_images % 8] if train_images % 8 else [])
     for row in rows:
         for key in ("trainable_params", "best_val_acc", "test_acc", "epoch_seconds", "peak_memory_mb", "total_seconds"):
             assert key in row
         assert row["test_acc"] is None  # a single folder has no test split
-        series = read_scalars(tmp_path / "tensorboard" / row["policy"])
-        assert row["best_val_acc"] == max(v for _, v in series["val/acc"])
-        assert row["val_acc"] == [v for _, v in series["val/acc"]] and len(row["val_acc"]) == 2
-        assert row["train_loss"] == [v for _, v in series["train/epoch_loss"]]
+        # The best score as fit recorded it (the checkpoint callback's), in metrics.json and the checkpoint's name.
+        fitted = json.loads((tmp_path / "runs" / row["policy"] / "metrics.json").read_text())
+        best = Path(fitted["best_checkpoint"])
+        assert row["best_val_acc"] == fitted["best_val_acc"] and f"val_acc{row['best_val_acc']:.4f}" in best.name
+        assert len(row["val_acc"]) == 2 and max(row["val_acc"]) == row["best_val_acc"]
+        assert row["val_acc"][int(re.match(r"epoch(\d+)-", best.name)[1])] == row["best_val_acc"]
+        last = split_predictions(best.with_name("last.ckpt"), cfg, "val")  # the second epoch's weights, scored again
+        assert row["val_acc"][1] == pytest.approx((last.probs.argmax(1) == last.labels).double().mean().item(), abs=1e-6)
+        # Each epoch's loss is the mean of its steps' losses, weighted by their batch sizes.
+        steps = np.array([v for _, v in read_scalars(tmp_path / "tensorboard" / row["policy"])["train/loss"]])
+        assert len(steps) == 2 * len(batch_sizes)
+        per_epoch = [np.average(epoch, weights=batch_sizes) for epoch in steps.reshape(2, -1)]
+        assert row["train_loss"] == pytest.approx(per_epoch, rel=1e-5)
     frozen, partial, full = rows
     assert frozen["cached_features"] and not full["cached_features"]
     assert frozen["trainable_params"] == 1280 * 3 + 3 < partial["trainable_params"] < full["trainable_params"]
     table, per_class = (tmp_path / "comparison.md").read_text().split("\n\n", 1)
     assert table.count("\n") == 4 and "| frozen (cached features) |" in table and "| full |" in table
     # Per-class validation accuracy: weighted by each class's images, it is the best val/acc the run logged.
-    val_labels = np.array(build_datamodule(compose_config(_overrides(tiny_folder), tmp_path / "cfg")).dataset("val").labels)
+    val_labels = np.array(build_datamodule(cfg).dataset("val").labels)
     for row in rows:
         assert list(row["per_class_acc"]) == ["class0", "class1", "class2"]
         support = [int((val_labels == c).sum()) for c in range(3)]
@@ -107,7 +121,9 @@ def test_compare_runs_the_grid_of_models_and_policies(tmp_path):
         # 2 batches of 32 images in the one epoch: images/s times the epoch's seconds counts them back.
         assert row["train_images_per_second"] > 0
         assert row["train_images_per_second"] * row["epoch_seconds"] == pytest.approx(64)
-        assert row["best_val_acc"] == max(v for _, v in read_scalars(tmp_path / "tensorboard" / row["run"])["val/acc"])
+        fitted = json.loads((tmp_path / "runs" / row["run"] / "metrics.json").read_text())  # fit's checkpoint callback
+        assert row["best_val_acc"] == fitted["best_val_acc"] and row["best_checkpoint"] == fitted["best_checkpoint"]
+        assert f"val_acc{row['best_val_acc']:.4f}" in Path(row["best_checkpoint"]).name
     lite0, lite1 = rows[0], rows[2]
     assert lite0["params"] < lite1["params"] and lite0["macs"] < lite1["macs"]
     assert lite0["trainable_params"] == 1280 * 10 + 10 < rows[1]["trainable_params"] == lite0["params"]
