@@ -11,8 +11,7 @@ extracts a contiguous share of the images and `all_gather` hands every process a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +59,9 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
     def _read_class_names(self) -> list[str]:
         return self.source.class_names
 
+    def data_identity(self) -> dict[str, Any]:
+        return self.source.data_identity()  # the images the features come from
+
     def _build_split(self, split: Split) -> Dataset:
         if split == "test":
             return self.source.dataset("test")
@@ -70,6 +72,7 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Nothing to scan here: features are extracted once the model sits on its device."""
+        self.source.trainer = self.trainer  # Lightning attaches the wrapper; the source's checks need the ranks too
         self.source.setup(stage)
 
     def test_dataloader(self) -> DataLoader:
@@ -115,13 +118,15 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
 @torch.no_grad()
 def pooled_features(
     model: EfficientNet, source: ImageClassificationDataModule, split: Split, device: torch.device,
-    indices: Sequence[int] | None = None, precision: Callable[[], AbstractContextManager] = nullcontext,
+    indices: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pooled penultimate features (float32, on the CPU) and labels of a split, in order, through the eval transform.
 
-    Shared by cached-feature training and the linear probe. The loader has its own generator:
-    one without draws its workers' seed from the global RNG, which would shift every later
-    dropout mask and break equality with uncached training.
+    Shared by cached-feature training and the linear probe. It opens no autocast: the probe calls
+    it outside any, so its features are the float32 ones `finetune-evaluate` computes, whatever
+    trainer.precision says. The loader has its own generator: one without draws its workers'
+    seed from the global RNG, which would shift every later dropout mask and break equality
+    with uncached training.
     """
     dataset = source.dataset(split)
     loader = DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=max(source.batch_size, 64),
@@ -130,8 +135,7 @@ def pooled_features(
     features, labels = [], []
     for batch in tqdm(loader, desc=f"{split} features", leave=False):
         x, y = source.device_batch(move_data_to_device(batch, device), train=False)
-        with precision():
-            features.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+        features.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
         labels.append(y.cpu())
     empty = (torch.zeros(0, model.num_features), torch.zeros(0, dtype=torch.int64))
     return (torch.cat(features), torch.cat(labels)) if features else empty

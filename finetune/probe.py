@@ -4,11 +4,19 @@ A linear probe answers "how linearly separable are this backbone's features for 
 classes?" without the noise of an SGD schedule: the pooled penultimate features of each
 split are extracted once (backbone in eval mode, evaluation transforms, no augmentation),
 then an L2-regularised multinomial logistic regression is solved to convergence with
-full-batch L-BFGS for every strength on a log grid, and the strength with the best
+L-BFGS for every strength on a log grid, and the strength with the best
 validation accuracy is kept (Kornblith, Shlens & Le, "Do Better ImageNet Models Transfer
 Better?", CVPR 2019). The problem is strictly convex for every strength > 0, so each
 solution is unique and the grid is walked from strong to weak regularisation with warm
 starts.
+
+The features are extracted as `finetune-evaluate` predicts: float32, no autocast, whatever
+trainer.precision says (a probe of bf16 features would measure bf16 rounding, and its classifier
+would meet float32 features at evaluation). The fit is full-batch, every feature on the device
+in float64, when that fits in the device's free memory (`plan_fit`); beyond, the features stay
+in host memory and every evaluation of the objective streams them through the device in chunks
+(`FeatureRows`): the same sums in another order, so the same minimiser to the optimizer's
+tolerance. metrics.json and probe.ckpt record which fit ran.
 
 The objective is scikit-learn's: mean cross-entropy + l2 / 2 * ||W||^2, the bias
 unpenalised, so `l2` here is `LogisticRegression(C=1 / (l2 * n_train))` there
@@ -23,23 +31,32 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import psutil
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from finetune.checkpointing import atomic_save
-from finetune.config_rules import POSITIVE, integer
+from finetune.config_rules import POSITIVE, integer, optional
 from finetune.datamodules.base import Split
 from finetune.errors import ConfigError
 from finetune.features import pooled_features
+
+#: Share of the free memory a full-batch fit may plan to fill: the estimate leaves out the allocator's
+#: rounding and fragmentation, and other processes may allocate while the fit runs.
+MEMORY_FRACTION = 0.5
+#: Rows per host-to-device copy when the full-batch fit places its features: bounds the float32 staging copy.
+STAGING_ROWS = 8192
 
 #: The policy a probe checkpoint records: its weights are exactly a frozen backbone under a trained head.
 CHECKPOINT_POLICY = {"name": "frozen", "trainable_stages": 0, "unfreeze_at_epoch": 0, "bn": "eval", "cache_features": False}
@@ -64,6 +81,7 @@ class ProbeSettings:
     l2_steps: int
     max_iter: int
     tolerance: float
+    chunk_rows: int | None = None  # None: full-batch when it fits in memory (plan_fit), else chunks sized to fit
 
     @classmethod
     def from_config(cls, node: DictConfig | None) -> ProbeSettings:
@@ -78,6 +96,7 @@ class ProbeSettings:
             POSITIVE.check(f"probe.{key}", values.get(key))
         for key in ("l2_steps", "max_iter"):
             integer(1).check(f"probe.{key}", values.get(key))
+        optional(integer(1)).check("probe.chunk_rows", values.get("chunk_rows"))
         if values["l2_min"] > values["l2_max"]:
             raise ConfigError(f"probe.l2_min={values['l2_min']} exceeds probe.l2_max={values['l2_max']}; swap them")
         return cls(**{k: (float(v) if k in ("l2_min", "l2_max", "tolerance") else v) for k, v in values.items()})
@@ -89,25 +108,105 @@ class ProbeSettings:
         return torch.logspace(math.log10(self.l2_max), math.log10(self.l2_min), self.l2_steps, dtype=torch.float64).tolist()
 
 
+@dataclass(frozen=True)
+class FeatureRows:
+    """One split's features and labels as the solver reads them: chunk by chunk, each on `device` in `dtype`.
+
+    Full-batch (`place` without chunk_rows), the features already sit on the device in `dtype`
+    and one chunk is all of them: nothing moves. Chunked, they stay where extraction left them
+    (float32, host memory) and every pass moves one chunk at a time, so the device holds one
+    chunk, never the matrix. A chunk crosses as float32 and is cast on the device: half the
+    bytes of a float64 transfer, and no float64 copy on the host.
+    """
+
+    features: Tensor
+    labels: Tensor
+    device: torch.device
+    dtype: torch.dtype
+    chunk_rows: int
+
+    @classmethod
+    def place(cls, features: Tensor, labels: Tensor, device: torch.device, dtype: torch.dtype,
+              chunk_rows: int | None) -> FeatureRows:
+        """Chunks of `chunk_rows`, or (None) every row on the device in `dtype`, copied STAGING_ROWS at a time."""
+        streamed = cls(features, labels, device, dtype, chunk_rows or STAGING_ROWS)
+        if chunk_rows is not None:
+            return streamed
+        resident = torch.empty(features.shape, dtype=dtype, device=device)
+        for begin, (x, _) in zip(range(0, len(labels), STAGING_ROWS), streamed.chunks()):
+            resident[begin:begin + len(x)] = x
+        return cls(resident, labels.to(device), device, dtype, max(1, len(labels)))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(len(self) / self.chunk_rows)
+
+    def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(features, labels) of each chunk in row order, on the device, features in `dtype`."""
+        for begin in range(0, len(self), self.chunk_rows):
+            end = begin + self.chunk_rows
+            yield self.features[begin:end].to(self.device).to(self.dtype), self.labels[begin:end].to(self.device)
+
+    def mean(self) -> Tensor:
+        """The mean feature vector, in `dtype` on the device."""
+        return sum(x.sum(dim=0) for x, _ in self.chunks()) / len(self)
+
+
+def plan_fit(rows: int, dims: int, num_classes: int, itemsize: int, available: int,
+             chunk_rows: int | None = None) -> int | None:
+    """Rows per chunk for a chunked fit, or None for the full-batch fit, of `rows` feature vectors (all splits).
+
+    Full-batch needs every feature on the device (`itemsize` bytes each) plus, per row, the
+    logits, probabilities and their gradients of one objective evaluation; it runs when that
+    fits in MEMORY_FRACTION of the `available` bytes. Otherwise a chunk is as many rows as fit
+    there, each row counted with its float32 transfer copy. A given `chunk_rows` (probe.chunk_rows)
+    is taken as it is.
+    """
+    if chunk_rows is not None:
+        return chunk_rows
+    budget = MEMORY_FRACTION * available
+    temporaries = 4 * itemsize * num_classes
+    if rows * (itemsize * dims + temporaries) <= budget:
+        return None
+    return max(1, int(budget // ((4 + itemsize) * dims + temporaries)))
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the fit may still take on `device`: CUDA's free memory (cached blocks released first), else the host's.
+
+    MPS shares the host's memory, so psutil's figure holds there too.
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
 def fit_logistic(
-    features: Tensor, labels: Tensor, num_classes: int, l2: float, *,
+    rows: FeatureRows, num_classes: int, l2: float, *,
     init: tuple[Tensor, Tensor] | None = None, max_iter: int = 1000, tolerance: float = 1e-6,
 ) -> tuple[Tensor, Tensor, int]:
-    """Minimise mean cross-entropy + l2 / 2 * ||W||^2 (bias unpenalised) with full-batch L-BFGS.
+    """Minimise mean cross-entropy + l2 / 2 * ||W||^2 (bias unpenalised) with L-BFGS over all of `rows`.
 
-    Returns the weight (classes x features), the bias and the number of L-BFGS iterations;
-    works in the dtype and on the device of `features`. L-BFGS starts from one scalar
-    curvature for all parameters, but with strong regularisation W's curvature (>= l2) is
-    far above the bias's ((K-1)/K^2 at uniform predictions): unaided it then crawls for
-    thousands of iterations. So it solves an equivalent problem: features centred on their
-    mean and the bias scaled by c = sqrt(1 + l2 K^2 / (K-1)), both folded back into (W, b)
-    at the end. Neither changes the minimiser, because the bias is unpenalised.
+    Returns the weight (classes x features), the bias and the number of L-BFGS iterations, in
+    the dtype and on the device of `rows`. Each evaluation of the objective sums the loss and
+    accumulates the gradient chunk by chunk (backward per chunk, so autograd holds one chunk's
+    graph); a full-batch `rows` is one chunk. L-BFGS starts from one scalar curvature for all
+    parameters, but with strong regularisation W's curvature (>= l2) is far above the bias's
+    ((K-1)/K^2 at uniform predictions): unaided it then crawls for thousands of iterations. So
+    it solves an equivalent problem: features centred on their mean and the bias scaled by
+    c = sqrt(1 + l2 K^2 / (K-1)), both folded back into (W, b) at the end. Neither changes the
+    minimiser, because the bias is unpenalised. The centring is applied through the bias,
+    (x - mean) W^T + c s = x W^T + (c s - W mean): the same function of (W, s), without a
+    centred copy of the features.
     """
-    mean = features.mean(dim=0)
-    centred = features - mean
+    mean = rows.mean()
     scale = math.sqrt(1 + l2 * num_classes**2 / max(1, num_classes - 1))
-    weight = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
-    shift = torch.zeros(num_classes, dtype=features.dtype, device=features.device)
+    weight = torch.zeros(num_classes, mean.shape[0], dtype=rows.dtype, device=rows.device)
+    shift = torch.zeros(num_classes, dtype=rows.dtype, device=rows.device)
     if init is not None:
         weight, shift = init[0].clone(), (init[1] + init[0] @ mean) / scale
     weight.requires_grad_(True)
@@ -117,8 +216,14 @@ def fit_logistic(
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(torch.addmm(shift * scale, centred, weight.T), labels) + 0.5 * l2 * weight.square().sum()
-        loss.backward()
+        penalty = 0.5 * l2 * weight.square().sum()
+        penalty.backward()
+        loss = penalty.detach()
+        for x, y in rows.chunks():
+            logits = torch.addmm(shift * scale - weight @ mean, x, weight.T)
+            part = F.cross_entropy(logits, y, reduction="sum") / len(rows)
+            part.backward()
+            loss += part.detach()
         return loss
 
     with torch.enable_grad():
@@ -131,34 +236,75 @@ def fit_logistic(
     return weight, shift.detach() * scale - weight @ mean, iterations
 
 
-def accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(dim=1).double().mean().item()
+def accuracy(rows: FeatureRows, weight: Tensor, bias: Tensor, k: int = 1) -> float:
+    """Top-k accuracy of the classifier (weight, bias) on `rows`, chunk by chunk; NaN for an empty split."""
+    if len(rows) == 0:
+        return math.nan
+    hits = 0
+    for x, y in rows.chunks():
+        top = torch.addmm(bias, x, weight.T).topk(min(k, weight.shape[0]), dim=1).indices
+        hits += int((top == y[:, None]).any(dim=1).sum())
+    return hits / len(rows)
 
 
 def regularisation_path(
-    train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, settings: ProbeSettings
+    train: FeatureRows, val: FeatureRows, num_classes: int, settings: ProbeSettings
 ) -> tuple[tuple[Tensor, Tensor], PathPoint, list[PathPoint]]:
     """Fit every strength of the grid; return the classifier best on validation, its point and the whole path.
 
     Ties go to the stronger regularisation (visited first): of equally accurate
     classifiers, the one with the smaller weights.
     """
-    x, y = train
     best: tuple[tuple[Tensor, Tensor], PathPoint] | None = None
     path: list[PathPoint] = []
     init = None
     for l2 in settings.grid():
-        weight, bias, iterations = fit_logistic(x, y, num_classes, l2, init=init,
+        weight, bias, iterations = fit_logistic(train, num_classes, l2, init=init,
                                                 max_iter=settings.max_iter, tolerance=settings.tolerance)
         init = (weight, bias)
-        point = PathPoint(l2, accuracy(torch.addmm(bias, x, weight.T), y),
-                          accuracy(torch.addmm(bias, val[0], weight.T), val[1]), iterations)
+        point = PathPoint(l2, accuracy(train, weight, bias), accuracy(val, weight, bias), iterations)
         path.append(point)
         if best is None or point.val_acc > best[1].val_acc:
             best = ((weight, bias), point)
     assert best is not None  # the grid has at least one strength
     return best[0], best[1], path
+
+
+def check_one_process(trainer: Mapping[str, Any]) -> None:
+    """Refuse a launch of several processes: each would run the whole probe on the first device and race on probe.ckpt.
+
+    Refused rather than run on rank 0 alone: the probe is one convex fit on one device, so
+    under a launcher the other ranks' devices (a SLURM allocation's, too) would idle for the
+    whole run. Several processes are what torchrun or Lightning's own launcher announce in
+    WORLD_SIZE, what srun announces in SLURM_NTASKS (the rule of Lightning's SLURMEnvironment:
+    not for a job named bash or interactive), or what trainer.devices x trainer.num_nodes ask for.
+    """
+    env = os.environ
+    launched = [f"WORLD_SIZE={env['WORLD_SIZE']}"] if int(env.get("WORLD_SIZE", 1)) > 1 else []
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        launched.append(f"SLURM_NTASKS={env['SLURM_NTASKS']}")
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if _device_count(devices, trainer.get("accelerator", "auto")) * nodes > 1:
+        launched.append(f"trainer.devices={devices} trainer.num_nodes={nodes}")
+    if launched:
+        raise ConfigError(f"finetune=probe is one fit on one device, but this run has several processes "
+                          f"({', '.join(launched)}); start it once, without torchrun (under SLURM: srun --ntasks=1), "
+                          "with trainer=gpu trainer.devices=1 or trainer=cpu")
+
+
+def _device_count(devices: Any, accelerator: str) -> int:
+    """How many devices, one process each, `trainer.devices` asks Lightning for ('auto': one, what the probe takes)."""
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, str):
+        if devices == "auto":
+            return 1
+        if "," in devices:  # GPU indices, "0,1" or "1,"
+            return len([index for index in devices.split(",") if index.strip()])
+        devices = int(devices)
+    if devices == -1:  # every device: the CPU accepts no -1 (config_checks)
+        return torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 1
+    return devices
 
 
 def fit_probe(cfg: DictConfig) -> dict[str, Any]:
@@ -171,36 +317,43 @@ def fit_probe(cfg: DictConfig) -> dict[str, Any]:
                           "(to probe a fine-tuned network's features, pass it as model.pretrained=<checkpoint>)")
     if cfg.data.get("augment"):
         raise ConfigError("finetune=probe measures features of unaugmented images; set data.augment=false")
+    check_one_process(OmegaConf.to_container(cfg.trainer, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(OmegaConf.merge(cfg, {"finetune": CHECKPOINT_POLICY}), datamodule)
-    kwargs = trainer_kwargs(cfg)
-    fabric = L.Fabric(accelerator=kwargs.get("accelerator", "auto"), devices=1, precision=kwargs.get("precision"))
-    model = module.model.to(fabric.device).eval()
+    device = L.Fabric(accelerator=trainer_kwargs(cfg).get("accelerator", "auto"), devices=1).device
+    model = module.model.to(device).eval()
     datamodule.prepare_data()
     datamodule.setup(None)
 
     splits: list[Split] = ["train", "val"] + (["test"] if datamodule.has_test else [])
-    # Solved where the features are, in float64 as scikit-learn does (MPS has no float64).
-    dtype = torch.float32 if fabric.device.type == "mps" else torch.float64
-    features = {}
-    for split in splits:
-        x, y = pooled_features(model, datamodule, split, fabric.device, precision=fabric.autocast)
-        features[split] = (x.to(fabric.device, dtype), y.to(fabric.device))
-    (weight, bias), best, path = regularisation_path(features["train"], features["val"], datamodule.num_classes, settings)
+    extracted = {split: pooled_features(model, datamodule, split, device) for split in splits}
+    module.to("cpu")  # the fit needs the device's memory, not the network
+    # Solved in float64 as scikit-learn does (MPS has no float64).
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    chunk_rows = plan_fit(sum(len(y) for _, y in extracted.values()), model.num_features, datamodule.num_classes,
+                          dtype.itemsize, available_memory(device), settings.chunk_rows)
+    # pop: once a split sits on the device, a full-batch fit frees its host copy.
+    features = {split: FeatureRows.place(*extracted.pop(split), device, dtype, chunk_rows) for split in splits}
+    fit = "full-batch" if chunk_rows is None else f"chunked, {features['train'].num_chunks} chunks of {chunk_rows} rows"
+    rank_zero_info(f"probe: L-BFGS on {len(features['train'])} x {model.num_features} "
+                   f"{str(dtype).removeprefix('torch.')} features on {device} ({fit})")
+    (weight, bias), best, path = regularisation_path(features["train"], features["val"], datamodule.num_classes,
+                                                     settings)
 
     with torch.no_grad():
         model.classifier.weight.copy_(weight)
         model.classifier.bias.copy_(bias)
-    metrics: dict[str, Any] = {"best_val_acc": best.val_acc, "best_checkpoint": None, "probe/l2": best.l2}
+    metrics: dict[str, Any] = {"best_val_acc": best.val_acc, "best_checkpoint": None, "probe/l2": best.l2,
+                               "probe/fit": fit}
     if "test" in features:
-        logits = torch.addmm(bias, features["test"][0], weight.T)
-        metrics |= {"test/acc": accuracy(logits, features["test"][1]), "test/acc_top5": accuracy(logits, features["test"][1], 5)}
+        test = features["test"]
+        metrics |= {"test/acc": accuracy(test, weight, bias), "test/acc_top5": accuracy(test, weight, bias, 5)}
 
     out = Path(cfg.paths.output_dir)
     checkpoint = out / "checkpoints" / "probe.ckpt"
-    atomic_save({"state_dict": module.to("cpu").state_dict(), "hyper_parameters": dict(module.hparams),
-                 "pytorch-lightning_version": L.__version__, "probe": asdict(best)}, checkpoint)
+    atomic_save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                 "pytorch-lightning_version": L.__version__, "probe": {**asdict(best), "fit": fit}}, checkpoint)
     metrics["best_checkpoint"] = str(checkpoint)
     _log(cfg, metrics, path)
     (out / "metrics.json").write_text(json.dumps({**metrics, "probe/path": [asdict(p) for p in path]}, indent=2))

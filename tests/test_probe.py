@@ -1,6 +1,11 @@
-"""`finetune=probe`: the linear probe is scikit-learn's multinomial LogisticRegression on the same frozen features."""
+"""`finetune=probe`: the linear probe is scikit-learn's multinomial LogisticRegression on the same frozen features.
+
+Its features are float32 whatever trainer.precision says, a fit too large for the device is
+chunked to the same solution, and a multi-process launch is refused.
+"""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,8 @@ from finetune.compare import read_scalars
 from finetune.errors import ConfigError
 from finetune.models import create_model
 from finetune.module import FineTuneModule
-from finetune.probe import fit_probe
+import finetune.probe
+from finetune.probe import fit_probe, plan_fit
 from finetune.train import build_datamodule, fit
 from helpers import compose_config
 
@@ -92,6 +98,10 @@ def test_path_checkpoint_and_logs(probe_run, checkpoint_outputs, sklearn_path):
     assert all(torch.equal(ours[k], v) for k, v in pretrained.items() if not k.startswith("classifier."))
     assert module.hparams.finetune["name"] == "frozen"
 
+    # The run says which fit ran: the digits fit in memory.
+    assert json.loads((out / "metrics.json").read_text())["probe/fit"] == metrics["probe/fit"] == "full-batch"
+    assert torch.load(metrics["best_checkpoint"], weights_only=True)["probe"]["fit"] == "full-batch"
+
     scalars = read_scalars(out / "tensorboard")
     assert scalars["val/acc"] == [(0, pytest.approx(metrics["best_val_acc"]))]
     assert scalars["test/acc"] == [(0, pytest.approx(metrics["test/acc"]))]
@@ -103,7 +113,8 @@ def test_path_checkpoint_and_logs(probe_run, checkpoint_outputs, sklearn_path):
     (["ckpt_path=last.ckpt"], "finetune=probe fits in one pass and has nothing to resume"),
     (["probe.l2_min=10"], "probe.l2_min=10 exceeds probe.l2_max=1; swap them"),
     (["probe.l2_steps=0"], "probe.l2_steps must be an integer >= 1"),
-    (["+probe.C=1"], "probe.C is unknown; valid probe settings: l2_min, l2_max, l2_steps, max_iter, tolerance"),
+    (["probe.chunk_rows=0"], "probe.chunk_rows must be null or an integer >= 1, got 0"),
+    (["+probe.C=1"], "probe.C is unknown; valid probe settings: l2_min, l2_max, l2_steps, max_iter, tolerance, chunk_rows"),
 ])
 def test_probe_settings_are_checked_first(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -111,7 +122,77 @@ def test_probe_settings_are_checked_first(tmp_path, overrides, message):
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_finetune_command_dispatches_probe(tmp_path):
+def test_features_are_float32_under_bf16_mixed(tmp_path, monkeypatch, checkpoint_outputs):
+    """trainer.precision=bf16-mixed: the probe still fits the float32 features finetune-evaluate computes.
+
+    Compared with the features `checkpoint_outputs` takes by a plain float32 forward of the same
+    backbone (other batches, no channels_last: 2e-5 apart, against 0.46 under bf16 autocast).
+    """
+    fitted = {}
+    regularisation_path = finetune.probe.regularisation_path
+
+    def spy(train, val, *args):
+        fitted["train"], fitted["val"] = train, val
+        return regularisation_path(train, val, *args)
+
+    monkeypatch.setattr(finetune.probe, "regularisation_path", spy)
+    fit_probe(compose_config([*PROBE, "trainer.precision=bf16-mixed", "probe.l2_steps=1"], tmp_path))
+    _, outputs = checkpoint_outputs
+    for split in ("train", "val"):
+        np.testing.assert_allclose(fitted[split].features.numpy(), outputs[split][0], rtol=0, atol=1e-4)
+
+
+def test_full_batch_fit_only_where_it_fits():
+    """1M x 2,560 float64 B7 features are 20.5 GB: full-batch in an H200's 141 GB, chunked in 16 GB free."""
+    assert plan_fit(1797, 1280, 10, itemsize=8, available=8 * 2**30) is None  # the digits, on any machine
+    assert plan_fit(1_000_000, 2560, 1000, itemsize=8, available=141 * 10**9) is None
+    rows = plan_fit(1_000_000, 2560, 1000, itemsize=8, available=16 * 10**9)
+    assert rows is not None and 100_000 < rows and rows * 2560 * 8 < 8 * 10**9  # chunks fill no more than half
+    assert plan_fit(1797, 1280, 10, itemsize=8, available=8 * 2**30, chunk_rows=100) == 100  # probe.chunk_rows
+
+
+def test_chunked_fit_equals_full_batch(tmp_path, monkeypatch, probe_run, checkpoint_outputs, sklearn_path):
+    """Through the `finetune` command, on a device with 3.1 MB free: the same classifier, path and accuracies.
+
+    A chunk of 100 rows takes 100 x (1280 x (8 + 4) + 4 x 8 x 10) bytes, half of 3,136,000:
+    the 1078 training rows go in 11 chunks, the last one partial.
+    """
+    monkeypatch.setattr(finetune.probe, "available_memory", lambda device: 3_136_000)
     metrics = fit(compose_config(PROBE, tmp_path))
-    assert metrics["best_checkpoint"] == str(tmp_path / "checkpoints" / "probe.ckpt")
-    assert json.loads((tmp_path / "metrics.json").read_text())["probe/l2"] == metrics["probe/l2"]
+    assert metrics["best_checkpoint"] == str(tmp_path / "checkpoints" / "probe.ckpt")  # `finetune` dispatched here
+    assert metrics["probe/fit"] == "chunked, 11 chunks of 100 rows"
+    assert torch.load(metrics["best_checkpoint"], weights_only=True)["probe"]["fit"] == metrics["probe/fit"]
+
+    cfg, full = probe_run
+    path = json.loads((tmp_path / "metrics.json").read_text())["probe/path"]
+    full_path = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["probe/path"]
+    # Exactly the same accuracies; L-BFGS may take an iteration more or less (the same sums, rounded in another order).
+    assert [{**p, "iterations": None} for p in path] == [{**p, "iterations": None} for p in full_path]
+    results = ("probe/l2", "best_val_acc", "test/acc", "test/acc_top5")
+    assert {k: metrics[k] for k in results} == {k: full[k] for k in results}
+
+    chunked = FineTuneModule.from_checkpoint(metrics["best_checkpoint"]).model.classifier
+    full_batch = checkpoint_outputs[0].model.classifier
+    for ours, reference in ((chunked.weight, full_batch.weight), (chunked.bias, full_batch.bias)):
+        assert ((ours - reference).abs().max() / reference.abs().max()).item() < 1e-6
+    reference = sklearn_path[metrics["probe/l2"]]  # and so still scikit-learn's classifier
+    np.testing.assert_allclose(chunked.weight.detach().double().numpy(), reference.coef_, atol=1e-4)
+
+
+@pytest.mark.parametrize("env, overrides, launch", [
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, [], "WORLD_SIZE=2"),  # torchrun --nproc_per_node=2
+    ({"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "probe"}, [], "SLURM_NTASKS=4"),  # srun --ntasks=4
+    ({}, ["trainer.devices=2"], "trainer.devices=2 trainer.num_nodes=1"),  # Lightning would start 2 processes
+    ({"LOCAL_WORLD_SIZE": "2"}, ["trainer=ddp", "trainer.accelerator=cpu"], "trainer.devices=2 trainer.num_nodes=1"),
+])
+def test_several_processes_are_refused(tmp_path, monkeypatch, env, overrides, launch):
+    """Each process would run the whole probe on the first device and race on probe.ckpt: refused before any work."""
+    for name in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE",
+                 "SLURM_NNODES", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(f"finetune=probe is one fit on one device, but this run has "
+                                                    f"several processes ({launch}); start it once")):
+        fit(compose_config([*PROBE, *overrides], tmp_path))  # a later trainer= replaces PROBE's trainer=cpu
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "checkpoints").exists()
