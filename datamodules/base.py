@@ -19,6 +19,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.v2 import Transform
@@ -26,7 +28,12 @@ from torchvision.transforms.v2 import Transform
 from finetune.config_rules import BOOL, PATH, SEED, Rule, either, hinted, integer, number, numbers, one_of, optional
 from finetune.datamodules.augment import AUTO_AUGMENT, auto_augment_policy, batch_mixer, erase_per_image, per_image
 from finetune.datamodules.device_decode import EncodedImages
-from finetune.models.preprocessing import DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from finetune.datamodules.splits import check_same_data, split_identity
+from finetune.errors import ConfigError
+from finetune.models.preprocessing import (
+    DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, resize_like_pil,
+)
+from finetune.signals import ignore_in_worker
 
 Split = Literal["train", "val", "test"]
 
@@ -110,10 +117,39 @@ def random_translate_flip(images: Tensor, pad: int, flip: bool) -> Tensor:
     return gathered.permute(0, 3, 1, 2)
 
 
-def auto_num_workers(devices: int) -> int:
-    """`num_workers=auto`: the CPU cores this process may run on, divided among `devices` on this node, at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, devices))
+def _worker_init(worker_id: int) -> None:
+    """Workers leave stop signals to the main process, and keep Lightning's worker seeding (`seed_everything(workers=True)`)."""
+    ignore_in_worker(worker_id)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # Lightning adds its own only to loaders that have none
+        pl_worker_init_function(worker_id)
+
+
+#: `num_workers=auto` caps per process. Past about 16 decoding workers a GPU's step, not the loader, sets the pace
+#: (timm's and torchvision's reference scripts default to 4-16 per GPU), and each worker costs a process's memory.
+MAX_TRAIN_WORKERS = 16
+#: Fewer for validation and test: their loader idles while training runs (its persistent workers only hold memory)
+#: and reads a fraction of the images (val_fraction 0.2), with a cheaper transform (no random crop).
+MAX_EVAL_WORKERS = 8
+
+
+def auto_num_workers(devices: int, cap: int = MAX_TRAIN_WORKERS) -> int:
+    """`num_workers=auto`: this process's share of the CPU cores it may run on, less one for itself, at most `cap`.
+
+    The share is the whole affinity set when it is already per task: SLURM binds each task to its
+    `cpus_per_task` (SLURM_CPUS_PER_TASK set), and an affinity set smaller than the machine is one
+    chosen for this process. Dividing it among the node's devices again left 2 workers of 8 CPUs
+    with 4 GPUs. Only a process that may run on the whole machine shares it among `devices`.
+    The main process (the training loop) keeps one core; without the cap a 128-core node with
+    one GPU started 128 workers per loader.
+    """
+    machine = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit():
+        cores = min(cores, int(per_task))
+    elif cores >= machine:
+        cores //= max(1, devices)
+    return max(1, min(cap, cores - 1))
 
 
 class EpochSampler(DistributedSampler):
@@ -126,9 +162,12 @@ class EpochSampler(DistributedSampler):
     (seed, epoch, index): the same numbers whichever worker, persistent or not, serves
     the sample, however many workers there are, and in a resumed run. `skip` drops the
     first samples of the epoch it was created for: a run resumed mid-epoch continues
-    where the interrupted one stopped. It also owns the generator its DataLoader draws
-    worker base seeds from, so loading never touches torch's global RNG (which
-    checkpoints restore for dropout and device-side augmentation).
+    where the interrupted one stopped. Its length stays the whole epoch's even then:
+    Lightning sizes every epoch from the first loader's length and restores its batch
+    counter to the batches already trained, so it takes exactly the rest of the epoch
+    (a shortened length shortened every later epoch too). It also owns the generator its
+    DataLoader draws worker base seeds from, so loading never touches torch's global RNG
+    (which checkpoints restore for dropout and device-side augmentation).
     """
 
     def __init__(
@@ -148,12 +187,8 @@ class EpochSampler(DistributedSampler):
         indices = list(super().__iter__())
         if self.epoch == self._skip_epoch and self._skip:
             indices = indices[self._skip:]
-        self._skip = 0  # only the resumed epoch is shortened
+        self._skip = 0  # only the resumed epoch starts late
         return iter([(i, self.epoch) for i in indices] if self.keyed else indices)
-
-    def __len__(self) -> int:
-        skip = self._skip if self.epoch == self._skip_epoch else 0
-        return super().__len__() - skip
 
 
 class ImageClassificationDataModule(L.LightningDataModule, ABC):
@@ -168,6 +203,10 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     device_pad: int = 0
     #: Whether the device-side augmentation also flips horizontally.
     device_flip: bool = False
+    #: Whether eval images are resized whole rather than centre-cropped: true of in-memory datasets, whose
+    #: small images `device_transform` upsamples entire. `preprocessing` then says crop fraction 1.0 whatever
+    #: the weights' is, so a checkpoint records what validation did and model.json prepares the same input.
+    whole_image_eval: bool = False
     #: What each constructor keyword must be: the one table behind both the constructor's checks and
     #: `validate_config`'s, which reads it from `data._target_` before any data is read. A subclass lists
     #: its own keywords, or a stricter rule for one of its base's (see `settings`).
@@ -236,7 +275,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.interpolation = DEFAULT_INTERPOLATION  # until set_preprocessing adopts the weights'
-        self.crop_fraction = DEFAULT_CROP_FRACTION
+        self.crop_fraction = 1.0 if self.whole_image_eval else DEFAULT_CROP_FRACTION
         self.augment = augment
         self.seed = seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -253,6 +292,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._train_epoch = 0  # the epoch a new train loader starts at; a checkpoint restores it
         self._train_skip = 0  # samples of that epoch this process already trained on (mid-epoch checkpoint)
+        self._identity: dict[str, Any] | None = None  # what checkpoints record of the data (`data_identity`)
 
     @property
     @abstractmethod
@@ -277,6 +317,16 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def data_identity(self) -> dict[str, Any]:
+        """What a checkpoint records of the data a fit used, for `splits.check_same_data` to compare on resume.
+
+        {"class_names": [...], "splits": {"train": {"count", "digest"}, "val": {...}}}: a renamed class
+        folder would otherwise permute the labels silently, and a re-carved split validate on trained
+        images. Digests use relative paths or pixels, so a copy of the data elsewhere matches.
+        """
+        return {"class_names": list(self.class_names),
+                "splits": {split: split_identity(self.dataset(split)) for split in _STAGE_SPLITS["fit"]}}
 
     def setup(self, stage: str | None = None) -> None:
         """Build (and scan) the splits `stage` needs here, in the main process, so bad data fails before workers start."""
@@ -310,25 +360,35 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         # time it starts an iterator: once per run with persistent workers, so a resumed run
         # (which starts it in another epoch) would shift every later dropout mask.
         generator = sampler.generator if sampler is not None else torch.Generator().manual_seed(self.seed)
+        workers = self.loader_workers if split == "train" else self.eval_loader_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             generator=generator,
-            num_workers=self.loader_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.loader_workers > 0,
+            persistent_workers=self.persistent_workers and workers > 0,
             drop_last=False,
             collate_fn=getattr(dataset, "collate_fn", None),  # data.decode=device: batches of file bytes
+            worker_init_fn=_worker_init,
         )
 
     @property
     def loader_workers(self) -> int:
-        """`num_workers`, with "auto" resolved: this process's CPU cores shared among the devices on this node."""
+        """The training loader's `num_workers`, with "auto" resolved by `auto_num_workers` (at most MAX_TRAIN_WORKERS)."""
+        return self._workers(MAX_TRAIN_WORKERS)
+
+    @property
+    def eval_loader_workers(self) -> int:
+        """The validation and test loaders' `num_workers`: "auto" resolved to at most MAX_EVAL_WORKERS."""
+        return self._workers(MAX_EVAL_WORKERS)
+
+    def _workers(self, cap: int) -> int:
         if self.num_workers != "auto":
             return self.num_workers
         devices = self.trainer.num_devices if self.trainer is not None else 1
-        return auto_num_workers(devices)
+        return auto_num_workers(devices, cap)
 
     def _shuffling_sampler(self, dataset: Dataset) -> EpochSampler:
         # One replica without a trainer or on one device; the trainer's world size and rank under DDP.
@@ -351,11 +411,28 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         epoch = trainer.fit_loop.epoch_progress.current.processed
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         mid_epoch = epoch < trainer.fit_loop.epoch_progress.current.started and batches > 0
-        return {"train_epoch": epoch, "train_samples_done": batches * self.batch_size if mid_epoch else 0}
+        if self._identity is None:  # the splits do not change during a run: computed once, not per checkpoint
+            self._identity = self.data_identity()
+        return {"train_epoch": epoch, "train_samples_done": batches * self.batch_size if mid_epoch else 0,
+                "world_size": trainer.world_size, "data": self._identity}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore where training stands; refuse (one line) data or a process count the checkpoint was not made with."""
         self._train_epoch = int(state_dict.get("train_epoch", 0))
         self._train_skip = int(state_dict.get("train_samples_done", 0))
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        where = f"ckpt_path '{trainer.ckpt_path}'"
+        if "data" in state_dict:
+            check_same_data(state_dict["data"], self.data_identity(), where)
+        world_size = state_dict.get("world_size", trainer.world_size)
+        if self._train_skip and world_size != trainer.world_size:
+            raise ConfigError(
+                f"{where} was saved in mid-epoch by {world_size} processes, and this run has {trainer.world_size}: "
+                f"each process's position in the epoch would be wrong; resume with {world_size} processes "
+                "(trainer.devices, trainer.num_nodes)"
+            )
 
     def gpu_transform(self, images: Tensor, train: bool) -> Tensor:
         """The old name of `device_transform`, kept for one release."""
@@ -376,14 +453,9 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             images = random_translate_flip(images, self.device_pad, self.device_flip)
         if train and self._auto_augment is not None:
             images = per_image(self._auto_augment, images)
+        if images.shape[-2:] != (self.resolution, self.resolution):  # as model.json's recipe and eval_transform resize
+            images = resize_like_pil(images, self.resolution, self.interpolation)
         x = images.float().div_(255)
-        h, w = x.shape[-2:]
-        res = self.resolution
-        if (h, w) != (res, res):
-            # antialias also when upsampling: it selects PIL's bicubic kernel (a=-0.5), which weights are evaluated with
-            x = F.interpolate(x, size=(res, res), mode=self.interpolation, align_corners=False, antialias=True)
-            if self.interpolation == "bicubic":  # its overshoot past black and white is no image (PIL clamps too)
-                x = x.clamp_(0, 1)
         mean, std = self._device_stats(x.device)
         x = x.sub_(mean).div_(std)
         if train and self.random_erasing > 0:
@@ -418,10 +490,15 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         return Preprocessing(self.resolution, self.mean, self.std, self.interpolation, self.crop_fraction)
 
     def set_preprocessing(self, preprocessing: Preprocessing) -> None:
-        """Adopt the weights' preprocessing (normalisation, resize interpolation, eval crop)."""
+        """Adopt the weights' preprocessing (normalisation, resize interpolation, eval crop).
+
+        The crop only where eval images are cropped (`whole_image_eval`): `preprocessing` reads back
+        what this datamodule does, which is what the training module records.
+        """
         self.resolution = preprocessing.resolution
         self.mean, self.std = preprocessing.mean, preprocessing.std
-        self.interpolation, self.crop_fraction = preprocessing.interpolation, preprocessing.crop_fraction
+        self.interpolation = preprocessing.interpolation
+        self.crop_fraction = 1.0 if self.whole_image_eval else preprocessing.crop_fraction
         self._stats.clear()
 
     def _device_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -24,9 +24,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from finetune.config_rules import number, one_of
-from finetune.datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split, stratified_split
+from finetune.config_rules import SEED, number, one_of
+from finetune.datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split
 from finetune.datamodules.errors import dataset_not_found
+from finetune.datamodules.splits import stable_split
 from finetune.errors import ConfigError
 
 _SOURCE = "the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -75,9 +76,11 @@ class DeviceBatches:
 
 
 class _CIFARDataModule(ImageClassificationDataModule):
-    """Official train minus a stratified, seeded `val_fraction` hold-out; test = official test.
+    """Official train minus a stratified `val_fraction` hold-out; test = official test.
 
-    `val_fraction=0` trains on the full official train set and validates on the test set.
+    Which images are held out depends on `split_seed` and each image's index in the official
+    train set (`splits.stable_split`), not on `seed`: runs with other seeds validate on the
+    same images. `val_fraction=0` trains on the full official train set and validates on the test set.
     `device_resident`: True keeps the uint8 splits on the trainer's root device (the CPU
     when there is no trainer) and serves batches from there; "auto" does so on a CUDA
     device when a split takes at most `RESIDENT_MAX_FREE_FRACTION` of its free memory.
@@ -85,13 +88,19 @@ class _CIFARDataModule(ImageClassificationDataModule):
 
     device_pad = 4
     device_flip = True
-    SETTINGS = {"val_fraction": number(0, 1, hi_open=True), "device_resident": one_of(True, False, "auto")}
+    whole_image_eval = True
+    SETTINGS = {"val_fraction": number(0, 1, hi_open=True), "split_seed": SEED,
+                "device_resident": one_of(True, False, "auto")}
     _title: str
     _reader: type[CIFAR10]
 
-    def __init__(self, *, val_fraction: float = 0.1, device_resident: bool | Literal["auto"] = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self, *, val_fraction: float = 0.1, split_seed: int = 0, device_resident: bool | Literal["auto"] = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)  # checks these too, by SETTINGS
         self.val_fraction = val_fraction
+        self.split_seed = split_seed
         self.device_resident = device_resident
         self._official: dict[bool, tuple[Tensor, Tensor, list[str]]] = {}
         self._resident: dict[tuple[Split, torch.device], tuple[Tensor, Tensor]] = {}
@@ -143,7 +152,8 @@ class _CIFARDataModule(ImageClassificationDataModule):
         images, labels, _ = self._load_official(train=True)
         if self.val_fraction == 0:
             return InMemoryImageDataset(images, labels)
-        train_idx, val_idx = stratified_split(labels.numpy(), (1 - self.val_fraction, self.val_fraction), self.seed)
+        keys = [b"%d" % i for i in range(len(labels))]  # the index in the official train set
+        train_idx, val_idx = stable_split(keys, labels.numpy(), self.val_fraction, self.split_seed)
         index = torch.from_numpy(train_idx if split == "train" else val_idx)
         return InMemoryImageDataset(images[index], labels[index])
 

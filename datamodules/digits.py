@@ -29,6 +29,7 @@ class DigitsDataModule(ImageClassificationDataModule):
 
     device_pad = 1
     device_flip = False
+    whole_image_eval = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

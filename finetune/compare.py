@@ -36,6 +36,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import default_collate
 from torchmetrics.classification import MulticlassRecall
 
 from finetune.config_checks import validate_config
@@ -414,9 +415,8 @@ def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) ->
     datamodule.set_preprocessing(preprocessing)
     val = datamodule.dataset("val")
     picks = [val[i] for i in range(min(int(cfg.compare.cam_images), len(val)))]
-    images = torch.stack([img for img, _ in picks])
-    labels = torch.stack([torch.as_tensor(label) for _, label in picks])
-    x = datamodule.device_transform(images, train=False)
+    collate = getattr(val, "collate_fn", None) or default_collate  # data.decode=device: items are file bytes
+    x, labels = datamodule.device_batch(collate(picks), train=False)  # decoded, resized, normalised as validation
     cams = {p: grad_cam(m.model, x, labels) for p, m in modules.items()}
     names = [datamodule.class_names[int(i)] for i in labels]
     shown = preprocessing.denormalize(x)  # exactly what the networks saw

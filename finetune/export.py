@@ -7,6 +7,8 @@ The exported network takes the normalised float input (N×3×res×res, NCHW) and
 (resize, interpolation, crop, mean/std), so an image can be prepared without this package.
 ONNX and TorchScript exports are run once more against PyTorch on the same input, at another
 batch size than the export's (the batch axis is dynamic), and the check's result is printed.
+Both files are written under temporary names and renamed once the check has passed, so a failed
+export leaves the output folder as it was.
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from finetune.errors import ConfigError, user_errors
-from finetune.evaluate import writable_folder
 from finetune.models import EfficientNet
-from finetune.module import FineTuneModule
+from finetune.outputs import writable_folder
+
+if TYPE_CHECKING:
+    from finetune.module import FineTuneModule
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 #: Largest relative error (max |export - torch| / max |torch|) an export may show against PyTorch.
@@ -125,7 +130,8 @@ def _quiet_jit() -> Iterator[None]:
 
 
 def export_safetensors(model: EfficientNet, path: Path, card: dict[str, Any]) -> None:
-    """The state dict in our layout (`create_model(variant, pretrained=<file>, ...)` loads it), model.json as metadata."""
+    """The state dict in our layout, model.json as metadata: `create_model(variant, num_classes, pretrained=<file>)`
+    loads it, reading padding, BN eps and preprocessing from that metadata."""
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -133,7 +139,13 @@ def export_safetensors(model: EfficientNet, path: Path, card: dict[str, Any]) ->
 
 
 def export(checkpoint: str | Path, fmt: str, output: str | Path) -> dict[str, Any]:
-    """Write `output` in `fmt` and model.json beside it; the model.json content, with the check's result."""
+    """Write `output` in `fmt` and model.json beside it; the model.json content, with the check's result.
+
+    Nothing is written where the check fails: a previous export at `output` stays as it was.
+    """
+    # Imported here: Lightning and torchmetrics (which imports matplotlib) load only to read a checkpoint.
+    from finetune.module import FineTuneModule
+
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format '{fmt}'; valid: {', '.join(FORMATS)}")
     runtime = f"onnxruntime {_onnx_runtime().__version__} (CPU)" if fmt == "onnx" else f"torch.jit {torch.__version__}"
@@ -141,18 +153,35 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path) -> dict[str, An
     module = FineTuneModule.from_checkpoint(Path(checkpoint).expanduser())
     model, resolution = module.model.eval(), module.preprocessing.resolution
     card = model_card(module, fmt, output)
-    if fmt == "safetensors":
-        export_safetensors(model, output, card)
-    else:
-        write, check = (export_onnx, check_onnx) if fmt == "onnx" else (export_torchscript, check_torchscript)
-        write(model, output, resolution)
-        error = check(output, model, resolution)
-        card["check"] = {"runtime": runtime, "batch": CHECK_BATCH, "max_relative_error": error, "limit": PARITY_LIMIT}
-    (output.parent / "model.json").write_text(json.dumps(card, indent=2) + "\n")
-    if "check" in card and not card["check"]["max_relative_error"] <= PARITY_LIMIT:
-        raise ExportMismatchError(f"{output} differs from PyTorch: relative error {card['check']['max_relative_error']:.2e} "
-                                  f"> {PARITY_LIMIT:.0e} on a batch of {CHECK_BATCH}")
+    card_path = output.parent / "model.json"
+    with _staged(output) as staged_file, _staged(card_path) as staged_card:
+        if fmt == "safetensors":
+            export_safetensors(model, staged_file, card)
+        else:
+            write, check = (export_onnx, check_onnx) if fmt == "onnx" else (export_torchscript, check_torchscript)
+            write(model, staged_file, resolution)
+            error = check(staged_file, model, resolution)
+            card["check"] = {"runtime": runtime, "batch": CHECK_BATCH, "max_relative_error": error, "limit": PARITY_LIMIT}
+            if not error <= PARITY_LIMIT:
+                raise ExportMismatchError(f"{output} differs from PyTorch: relative error {error:.2e} "
+                                          f"> {PARITY_LIMIT:.0e} on a batch of {CHECK_BATCH}")
+        staged_card.write_text(json.dumps(card, indent=2) + "\n")
+        os.replace(staged_file, output)
+        os.replace(staged_card, card_path)
     return card
+
+
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` (so `os.replace` onto it is atomic), removed on leaving unless renamed.
+
+    Named after `path` and this process, not by `tempfile`, whose files are private (0600) and would stay so.
+    """
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield staged
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _onnx_runtime() -> Any:

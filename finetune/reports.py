@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics import MetricCollection
@@ -31,6 +32,10 @@ CALIBRATION_BINS = 15
 MOST_CONFUSED = 10
 #: Up to this many classes the confusion matrix prints each cell's rate.
 ANNOTATED_CLASSES = 20
+#: Up to this many classes the confusion figure draws every class (labels stay >= 5.5 pt); above, only
+#: FIGURE_MOST_CONFUSED of them: 1,000 rows of a 24-inch figure are a third of a point each, unreadable.
+FIGURE_CLASSES = 128
+FIGURE_MOST_CONFUSED = 40
 
 
 def report_metrics(num_classes: int) -> MetricCollection:
@@ -57,17 +62,11 @@ def report_metrics(num_classes: int) -> MetricCollection:
     return MetricCollection(metrics, compute_groups=[stat_scores])
 
 
-def classification_report(probs: Tensor, labels: Tensor, class_names: list[str]) -> dict[str, Any]:
-    """The report of softmax probabilities (N×C) against labels (N)."""
-    metrics = report_metrics(len(class_names))
-    metrics.update(probs.float(), labels.long())
-    return summarize(metrics.compute(), class_names)
-
-
 def summarize(values: dict[str, Tensor], class_names: list[str]) -> dict[str, Any]:
     """The computed `report_metrics` as plain JSON values, with class names and the most-confused pairs.
 
-    Macro averages follow torchmetrics: a class with no image and no prediction is left out.
+    Macro averages follow torchmetrics: a class with no image and no prediction is left out. The
+    dense confusion matrix is not in it (a million cells at 1,000 classes): it is `values["confusion"]`.
     """
     confusion = values["confusion"].cpu().long()
     support = confusion.sum(1)
@@ -88,18 +87,21 @@ def summarize(values: dict[str, Tensor], class_names: list[str]) -> dict[str, An
         "weighted_avg": {k: float(values[f"{k}_weighted"]) for k in ("precision", "recall", "f1")},
         "per_class": per_class,
         "most_confused": most_confused(confusion, class_names),
-        "confusion_matrix": confusion.tolist(),
     }
 
 
 def most_confused(confusion: Tensor, class_names: list[str], limit: int = MOST_CONFUSED) -> list[dict[str, Any]]:
-    """The largest off-diagonal counts (true class, predicted class), largest first."""
+    """The largest off-diagonal counts (true class, predicted class), largest first, ties in (true, predicted) order.
+
+    A stable sort of the flattened matrix, not a Python sort of every non-zero cell (up to a million at 1,000 classes).
+    """
     off = confusion.clone()
     off.fill_diagonal_(0)
     support = confusion.sum(1)
-    pairs = sorted(((-int(off[t, p]), t, p) for t, p in off.nonzero().tolist()))[:limit]
-    return [{"true": class_names[t], "predicted": class_names[p], "count": -n, "share_of_true": -n / int(support[t])}
-            for n, t, p in pairs]
+    cells = torch.argsort(-off.flatten(), stable=True)[:limit].tolist()
+    pairs = [(int(off.flatten()[c]), *divmod(c, off.shape[1])) for c in cells]
+    return [{"true": class_names[t], "predicted": class_names[p], "count": n, "share_of_true": n / int(support[t])}
+            for n, t, p in pairs if n > 0]
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -139,10 +141,19 @@ def confusion_figure(confusion: np.ndarray | list, class_names: list[str]) -> pl
     """Confusion matrix normalised by row (each true class sums to 1), class names on both axes.
 
     The figure grows with the class count and the labels shrink, so 102 classes stay legible.
+    Above FIGURE_CLASSES it shows the FIGURE_MOST_CONFUSED classes of the largest confusions
+    (`most_confused_classes`), rates still shares of each true class's images, and says so in its title.
     """
     counts = np.asarray(confusion, dtype=float)
     support = counts.sum(1, keepdims=True)
     rates = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
+    title = "confusion matrix (rows: true class, normalised to 1)"
+    if len(class_names) > FIGURE_CLASSES:
+        shown = most_confused_classes(counts, FIGURE_MOST_CONFUSED)
+        counts, rates = counts[np.ix_(shown, shown)], rates[np.ix_(shown, shown)]
+        class_names = [class_names[i] for i in shown]
+        title = (f"the {len(shown)} most-confused of {len(support)} classes\n"
+                 "(rows: true class, share of all its images; confusion.npy holds every class)")
     n = len(class_names)
     side = min(max(5.0, 0.2 * n + 2.5), 24.0)
     fontsize = 9 if n <= ANNOTATED_CLASSES else min(8.0, 0.4 * 72 * side / n)  # ~half a row's height
@@ -152,7 +163,7 @@ def confusion_figure(confusion: np.ndarray | list, class_names: list[str]) -> pl
     ax.set_yticks(range(n), class_names, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix (rows: true class, normalised to 1)")
+    ax.set_title(title)
     if n <= ANNOTATED_CLASSES:
         for t, p in zip(*np.nonzero(counts)):
             ax.text(p, t, f"{rates[t, p]:.2f}", ha="center", va="center", fontsize=7,
@@ -162,14 +173,27 @@ def confusion_figure(confusion: np.ndarray | list, class_names: list[str]) -> pl
     return fig
 
 
-def reliability_figure(probs: Tensor, labels: Tensor, ece: float, bins: int = CALIBRATION_BINS) -> plt.Figure:
+def most_confused_classes(confusion: np.ndarray, limit: int) -> np.ndarray:
+    """Up to `limit` class indices (sorted) taken pair by pair from the largest off-diagonal counts.
+
+    Pairs, not per-class error totals, so the pairs `most_confused` lists are all in the figure.
+    """
+    off = np.array(confusion, dtype=float)
+    np.fill_diagonal(off, 0)
+    true, predicted = np.unravel_index(np.argsort(-off, axis=None, kind="stable"), off.shape)
+    classes = np.stack([true, predicted], 1).ravel()  # t0, p0, t1, p1, ... largest count first
+    _, first = np.unique(classes, return_index=True)
+    return np.sort(classes[np.sort(first)][:limit])
+
+
+def reliability_figure(confidence: Tensor, correct: Tensor, ece: float, bins: int = CALIBRATION_BINS) -> plt.Figure:
     """Calibration diagram: accuracy against confidence of the top-1 class, per confidence bin.
 
+    Takes each image's top-1 probability and whether it was right, not the N×C probabilities.
     Bins as torchmetrics' calibration error draws them (`[k/bins, (k+1)/bins)`), so the gaps
     drawn here are the ones ECE averages.
     """
-    confidence, predicted = probs.float().max(1)
-    correct = (predicted == labels).double().numpy()
+    correct = correct.double().numpy()
     confidence = confidence.double().numpy()
     index = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), confidence, side="right") - 1, 0, bins - 1)
     count = np.bincount(index, minlength=bins)
@@ -228,14 +252,15 @@ class TestReport(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         names = pl_module.class_names
-        report = summarize(self._metrics.compute(), names)
+        values = self._metrics.compute()
+        report = summarize(values, names)
         scalars = {"test/ece": report["expected_calibration_error"]}
         for average in ("macro", "weighted"):
             scalars |= {f"test/{k}_{average}": v for k, v in report[f"{average}_avg"].items()}
         pl_module.log_dict(scalars)  # test/acc and test/acc_top5 are the module's own
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if loggers and trainer.is_global_zero:
-            fig = confusion_figure(report["confusion_matrix"], names)
+            fig = confusion_figure(values["confusion"].cpu().numpy(), names)
             for logger in loggers:
                 logger.experiment.add_figure("test/confusion_matrix", fig, trainer.global_step, close=False)
                 logger.experiment.add_text("test/report", markdown_report(report), trainer.global_step)

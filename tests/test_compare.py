@@ -59,7 +59,7 @@ def test_compare_writes_one_row_per_policy_agreeing_with_tensorboard(tiny_folder
         assert len(row["val_acc"]) == 2 and max(row["val_acc"]) == row["best_val_acc"]
         assert row["val_acc"][int(re.match(r"epoch(\d+)-", best.name)[1])] == row["best_val_acc"]
         last = split_predictions(best.with_name("last.ckpt"), cfg, "val")  # the second epoch's weights, scored again
-        assert row["val_acc"][1] == pytest.approx((last.probs.argmax(1) == last.labels).double().mean().item(), abs=1e-6)
+        assert row["val_acc"][1] == pytest.approx((last.predicted == last.labels).double().mean().item(), abs=1e-6)
         # Each epoch's loss is the mean of its steps' losses, weighted by their batch sizes.
         steps = np.array([v for _, v in read_scalars(tmp_path / "tensorboard" / row["policy"])["train/loss"]])
         assert len(steps) == 2 * len(batch_sizes)

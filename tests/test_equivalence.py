@@ -78,31 +78,28 @@ def test_channels_last_gives_the_same_loss_and_grads() -> None:
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize(("size", "resolution"), [(8, 48), (32, 224), (40, 16)])
-def test_device_transform_matches_torchvision_resize(size: int, resolution: int, interpolation: str) -> None:
-    """`device_transform` (float resize) vs torchvision v2: the same arithmetic, and within one grey level of uint8.
+def test_device_transform_resizes_as_pil_does(size: int, resolution: int, interpolation: str) -> None:
+    """`device_transform`'s resize vs PIL's `Image.resize`, what model.json's recipe and `eval_transform` do.
 
-    torchvision resizes a uint8 tensor in fixed point and rounds to uint8, which moves a
-    pixel by up to one grey level (1/255 before normalisation); that is the tolerance.
-    Resizing after the conversion to float instead (the same arithmetic as ours) agrees to
-    1e-3 grey levels, which shows the rounding is the whole difference. Upsampling
-    (8->48, 32->224) and antialiased downsampling (40->16) are both covered.
+    PIL resizes the width, rounds to uint8, then the height; its fixed-point arithmetic moves a pixel
+    by up to one grey level (1/255 before normalisation), the tolerance. One float resize of both axes
+    (the device's before) was many grey levels off for bicubic, which clips its first pass's overshoot.
+    Upsampling (8->48, 32->224) and antialiased downsampling (40->16) are both covered, on noise.
     """
+    from PIL import Image
+
     images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dm = DigitsDataModule(num_workers=0, resolution=resolution, channels_last=False)
     dm.interpolation = interpolation  # the weights' (set_preprocessing)
-    resize = v2.Resize((resolution, resolution), interpolation=v2.InterpolationMode(interpolation), antialias=True)
-    to_float = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-    to_float_clamped = v2.Compose([v2.ToDtype(torch.float32, scale=True), lambda x: resize(x).clamp(0, 1),
-                                   v2.Normalize(MEAN, STD)])
+    filter_ = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
+    pil = torch.stack([v2.functional.pil_to_tensor(v2.functional.to_pil_image(image).resize((resolution, resolution),
+                                                                                             filter_))
+                       for image in images])
+    reference = v2.Normalize(MEAN, STD)(v2.ToDtype(torch.float32, scale=True)(pil))
     ours = dm.device_transform(images, train=False)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    references = [(to_float_clamped(images), 1e-3)]
-    if interpolation == "bilinear":  # uint8 bicubic clamps between its two passes: on noise that is many grey levels
-        references.append((to_float(resize(images)), 1.0))
-    for reference, bound in references:
-        assert ours.shape == reference.shape == (4, 3, resolution, resolution)
-        grey_levels = ((ours - reference) * std * 255).abs().max().item()
-        assert grey_levels <= bound + 1e-3
+    assert ours.shape == reference.shape == (4, 3, resolution, resolution)
+    grey_levels = ((ours - reference) * torch.tensor(STD).view(1, 3, 1, 1) * 255).abs().max().item()
+    assert grey_levels <= 1 + 1e-3
 
 
 def test_device_transform_channels_last_is_the_same_tensor() -> None:

@@ -2,16 +2,19 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
+from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.compare import read_scalars
-from finetune.evaluate import main
+from finetune.evaluate import Inference, Predictions, ScoreKeeper, evaluate, main, predict
+from finetune.models.preprocessing import Preprocessing
 from finetune.module import FineTuneModule
 from finetune.reports import confusion_figure, plt
 from finetune.train import fit
@@ -211,3 +214,173 @@ def test_plain_weights_and_missing_files_are_one_line_errors(trained, tmp_path, 
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def _square(path, colour, rng):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)).save(path)
+
+
+def test_a_folder_is_listed_as_training_lists_it_skipping_hidden_files(trained, tmp_path, capsys):
+    checkpoint, probe = trained
+    folder = tmp_path / "copied-from-a-mac"
+    folder.mkdir()
+    for image in probe.iterdir():
+        (folder / image.name).write_bytes(image.read_bytes())
+        (folder / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # AppleDouble fork
+    (folder / ".thumbnails").mkdir()
+    (folder / ".thumbnails" / "red.jpg").write_bytes(b"not an image either")
+    main([checkpoint, str(folder), "--csv", str(tmp_path / "p.csv"), "--num-workers", "0"])
+    rows = list(csv.reader((tmp_path / "p.csv").open()))
+    assert sorted({Path(r[0]).name for r in rows[1:]}) == ["blue.jpg", "green.jpg", "red.jpg"]
+    assert all(Path(r[0]).parent == folder for r in rows[1:]) and "unreadable" not in capsys.readouterr().err
+
+
+def test_an_unreadable_image_is_named_with_the_flag_that_leaves_it_out(trained, tmp_path, capsys):
+    checkpoint, _ = trained
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "labelled"
+    for name, colour in {"red": (220, 30, 30), "green": (30, 220, 30), "blue": (30, 30, 220)}.items():
+        for i in range(3):
+            _square(folder / name / f"{i}.png", colour, rng)
+    bad = folder / "green" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated: the header opens, the pixels do not decode
+    with pytest.raises(SystemExit) as exit_:
+        main([checkpoint, str(folder), "--output", str(tmp_path / "strict")])  # default: decoding workers
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert f"cannot decode image '{bad}'" in err and "pass --skip-corrupt" in err and "data.skip_corrupt" not in err
+
+    with pytest.warns(UserWarning, match=f"skipping unreadable image '{bad}'"):
+        main([checkpoint, str(folder), "--output", str(tmp_path / "out"), "--skip-corrupt", "--num-workers", "0"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["unreadable_skipped"] == 1 and report["unreadable_files"] == [str(bad)] and report["images"] == 8
+    assert "8 images, 3 classes" in capsys.readouterr().out.replace("; 1 unreadable image skipped", "")
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert len(rows) == 8 and str(bad) not in {r["file"] for r in rows}
+
+
+# --- issue 20: evaluation at scale -------------------------------------------------------------------------------
+
+
+def _full_forward_pass(checkpoint, folder):
+    """{file: every class's probability}, from a float32 pass of our own over PIL-opened files (no evaluate code)."""
+    module = FineTuneModule.from_checkpoint(checkpoint)
+    transform, files = module.preprocessing.eval_transform(), sorted(Path(folder).glob("*/*.png"))
+    with torch.no_grad():
+        x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+        probs = module.model.eval()(module.preprocessing.normalize(x)).softmax(-1).numpy()
+    return {str(f): p for f, p in zip(files, probs)}, module.class_names
+
+
+def test_metrics_updated_per_batch_equal_those_of_the_full_probability_matrix(digits_run, tmp_path):
+    root, _, metrics = digits_run
+    main([metrics["best_checkpoint"], str(root / "test"), "--output", str(tmp_path), "--num-workers", "0",
+          "--batch-size", "16", "--device", "cpu"])  # 50 images: 4 batches, the last one short
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["device"], report["precision"]) == ("cpu", "32-true")
+    full, names = _full_forward_pass(metrics["best_checkpoint"], root / "test")
+    files = sorted(full)
+    probs = np.stack([full[f] for f in files])
+    true = np.array([names.index(Path(f).parent.name) for f in files])
+    predicted = probs.argmax(1)
+    assert report["images"] == len(files) == 50 and 0 < (predicted == true).mean() < 1
+    assert report["accuracy"] == pytest.approx((predicted == true).mean(), abs=1e-6)
+    assert report["top5_accuracy"] == pytest.approx(top_k_accuracy_score(true, probs, k=5, labels=range(10)), abs=1e-6)
+    precision, recall, f1, support = precision_recall_fscore_support(true, predicted, labels=range(10), zero_division=0)
+    np.testing.assert_allclose([c["f1"] for c in report["per_class"]], f1, atol=1e-6)
+    np.testing.assert_allclose([c["precision"] for c in report["per_class"]], precision, atol=1e-6)
+    assert [c["support"] for c in report["per_class"]] == support.tolist()
+    assert report["expected_calibration_error"] == pytest.approx(_ece(probs.max(1), predicted == true), abs=1e-5)
+    assert report["confusion_matrix"] == confusion_matrix(true, predicted, labels=range(10)).tolist()
+    np.testing.assert_array_equal(np.load(tmp_path / "confusion.npy"), confusion_matrix(true, predicted, labels=range(10)))
+    for row in csv.DictReader((tmp_path / "predictions.csv").open()):  # kept top-5 = the full matrix's top 5
+        p = full[row["file"]]
+        top = np.argsort(-p, kind="stable")[:5]
+        assert [name for name, _ in json.loads(row["top5"])] == [names[i] for i in top]
+        np.testing.assert_allclose([v for _, v in json.loads(row["top5"])], p[top], atol=2e-6)
+
+
+def test_evaluation_keeps_the_top_k_per_image_not_every_probability():
+    """2,000 images × 1,000 classes through `predict`: what it keeps grows with N·k, not N·C."""
+    classes, n, k = 1000, 2000, 5
+    torch.manual_seed(0)
+    module = FineTuneModule(model={"name": "b0", "pretrained": None, "resolution": 32}, num_classes=classes)
+    torch.nn.init.normal_(module.model.classifier.weight, std=0.5)  # a zero head ties every class
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, classes, (n,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=250)
+    scores = predict(module, loader, lambda b: (module.preprocessing.normalize(b[0]), b[1]),
+                     inference=Inference.choose("cpu"), top_k=3)
+    per_image = {name: value for name, value in vars(scores).items() if isinstance(value, torch.Tensor)}
+    assert {name: tuple(t.shape) for name, t in per_image.items()} == {
+        "top_probs": (n, k), "top_classes": (n, k), "labels": (n,)}
+    kept = sum(t.numel() * t.element_size() for t in per_image.values())
+    assert kept <= n * (k * 8 + 8) and kept * 80 < n * classes * 4  # 96 KB, against 8 MB of probabilities
+    assert torch.equal(scores.labels, labels) and (scores.top_probs[:, :-1] >= scores.top_probs[:, 1:]).all()
+    hits = scores.top_classes.long() == labels[:, None]
+    assert float(scores.metrics["acc"]) == pytest.approx(hits[:, 0].double().mean().item(), abs=1e-9)
+    assert float(scores.metrics["acc_top5"]) == pytest.approx(hits.any(1).double().mean().item(), abs=1e-9)
+    assert int(scores.metrics["confusion"].sum()) == n
+
+
+def test_default_device_is_the_gpu_when_there_is_one():
+    chosen = Inference.choose()
+    assert chosen.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert chosen.precision in (("bf16-mixed", "16-mixed") if torch.cuda.is_available() else ("32-true",))
+
+
+def test_the_training_folder_is_warned_of_by_path_and_by_its_recorded_split(digits_run, tmp_path, capsys):
+    root, _, metrics = digits_run
+    checkpoint = metrics["best_checkpoint"]
+    shutil.copytree(root / "train", tmp_path / "copy")  # elsewhere: same relative paths and labels
+    for folder, reason in [(root / "train", f"data.root '{root}'"), (tmp_path / "copy", "recorded training split"),
+                           (root / "val", None)]:
+        out = tmp_path / "eval" / folder.name
+        main([checkpoint, str(folder), "--output", str(out), "--num-workers", "0"])
+        report = json.loads((out / "report.json").read_text())
+        warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        if reason is None:
+            assert warned == [] and report["training_data"] is None
+        else:
+            assert len(warned) == 1 and f"'{folder}' is the checkpoint's training data" in warned[0], warned
+            assert "not held-out" in warned[0] and reason in report["training_data"] and reason in warned[0]
+
+
+def test_a_1000_class_report_keeps_a_readable_figure_and_the_dense_matrix_in_its_own_file(tmp_path):
+    classes, n = 1000, 5000
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, classes, n)
+    logits = rng.normal(0, 1, (n, classes))
+    logits[np.arange(n), true] += 3
+    swapped = (true % 10 == 0) & (rng.random(n) < 0.6)  # classes 0, 10, 20, ... often taken for the next one
+    logits[swapped, true[swapped] + 1] += 8
+    probs = torch.from_numpy(logits).float().softmax(-1)
+    keeper = ScoreKeeper(classes, top_k=5, device=torch.device("cpu"))
+    for batch in torch.arange(n).split(512):
+        keeper.update(probs[batch], torch.from_numpy(true)[batch])
+    preprocessing = Preprocessing(resolution=8)
+    images = TensorDataset(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8), torch.from_numpy(true))
+    names = [f"class {i}" for i in range(classes)]
+    predictions = Predictions(**vars(keeper.scores()), items=[f"{i}.png" for i in range(n)], class_names=names,
+                              dataset=images, transform=lambda b: (preprocessing.normalize(b[0]), b[1]),
+                              preprocessing=preprocessing, inference=Inference.choose("cpu"))
+    evaluate(predictions, tmp_path)
+
+    expected = confusion_matrix(true, probs.argmax(1).numpy(), labels=range(classes))
+    np.testing.assert_array_equal(np.load(tmp_path / "confusion.npy"), expected)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["confusion_matrix"] == {"file": "confusion.npy", "shape": [classes, classes], "dtype": "int64"}
+    assert (tmp_path / "report.json").stat().st_size < 300_000  # the per-class table; dense, it would be ~9 MB
+    off = [(-expected[t, p], t, p) for t, p in zip(*np.nonzero(expected)) if t != p]
+    top = sorted(off)[:10]
+    assert [(p["true"], p["predicted"], p["count"]) for p in report["most_confused"]] == [
+        (names[t], names[p], -c) for c, t, p in top]
+    width, height = Image.open(tmp_path / "confusion_matrix.png").size
+    assert width <= 1500 and height <= 1500
+    fig = confusion_figure(expected, names)
+    ax = fig.axes[0]
+    shown = [t.get_text() for t in ax.get_yticklabels()]
+    assert "most-confused of 1000 classes" in ax.get_title() and len(shown) == 40 and ax.get_yticklabels()[0].get_fontsize() >= 7
+    assert {names[t] for _, t, _ in top} | {names[p] for _, _, p in top} <= set(shown)
+    plt.close(fig)

@@ -1,15 +1,23 @@
 """finetune-export: ONNX (checked with onnxruntime), TorchScript and safetensors from a checkpoint, and model.json."""
 
+import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from finetune.datamodules import (
+    CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, Flowers102DataModule, ImageFolderDataModule,
+)
 from finetune.export import CHECK_BATCH, main
 from finetune.models import create_model
 from finetune.models.efficientnet import Conv2dSame
+from finetune.models.preprocessing import Preprocessing
 from finetune.module import FineTuneModule
 from finetune.train import fit
 from helpers import compose_config, relative_error
@@ -130,8 +138,10 @@ def test_torchscript_and_safetensors_reproduce_the_checkpoint(checkpoints, tmp_p
     assert (card["variant"], card["padding"], card["format"]) == ("lite0", "same", "safetensors")
     with safe_open(str(path), "pt") as f:
         assert json.loads(f.metadata()["finetune"]) == card
-    rebuilt = create_model(card["variant"], card["num_classes"], pretrained=str(path), padding=card["padding"],
-                           bn_eps=card["bn_eps"]).eval()
+    # The file's metadata gives padding, BN eps and preprocessing: nothing else is passed (issue 20).
+    rebuilt = create_model(card["variant"], card["num_classes"], pretrained=str(path)).eval()
+    assert (rebuilt.config.padding, rebuilt.config.bn_eps) == (module.model.config.padding, module.model.config.bn_eps)
+    assert rebuilt.preprocessing == module.preprocessing
     with torch.no_grad():
         assert torch.equal(rebuilt(x), reference)
 
@@ -156,3 +166,82 @@ def test_export_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_an_in_memory_datasets_onnx_export_scores_what_validation_logged(tmp_path: Path) -> None:
+    """Issue 20: the export, fed by model.json's recipe, reproduces the val/acc training logged on digits.
+
+    Validation upsamples each whole 8x8 digit; a checkpoint that recorded the weights' centre crop
+    (0.875) made model.json cut the digits' borders, so deployment scored other inputs.
+    """
+    cfg = compose_config(["model=lite0", "finetune=frozen", "model.resolution=64", "data=digits", "trainer=cpu",
+                          "trainer.max_epochs=1", "logger=csv", "trainer.enable_progress_bar=false",
+                          "test_after_fit=false"], tmp_path / "run")
+    metrics = fit(cfg)
+    output = tmp_path / "deploy" / "model.onnx"
+    main([metrics["best_checkpoint"], "--format", "onnx", "--output", str(output)])
+    card = json.loads((output.parent / "model.json").read_text())
+
+    val = DigitsDataModule(seed=cfg.seed).dataset("val")  # the run's validation digits, raw uint8 3x8x8
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    inputs = np.concatenate([_prepared_by_model_json(Image.fromarray(image.permute(1, 2, 0).numpy()), card)
+                             for image in val.images])
+    (logits,) = session.run(None, {card["input"]["name"]: inputs})
+    correct = int((logits.argmax(1) == val.labels.numpy()).sum())
+    assert 0.3 < metrics["best_val_acc"] < 1  # a model that tells digits apart, so different inputs would show
+    assert correct == round(metrics["best_val_acc"] * len(val))
+
+
+@pytest.mark.parametrize(("datamodule", "crop_fraction"), [
+    (CIFAR10DataModule, 1.0), (CIFAR100DataModule, 1.0), (DigitsDataModule, 1.0),  # upsampled whole on the device
+    (ImageFolderDataModule, 0.9), (Flowers102DataModule, 0.9),  # files: resized and centre-cropped as the weights say
+])
+def test_what_a_datamodule_records_is_the_crop_its_validation_makes(datamodule: type, crop_fraction: float,
+                                                                     tmp_path: Path) -> None:
+    dm = datamodule(root=str(tmp_path))
+    dm.set_preprocessing(Preprocessing(64, crop_fraction=0.9))  # weights evaluated with a 90% centre crop
+    assert dm.preprocessing == Preprocessing(64, crop_fraction=crop_fraction)
+
+
+def test_importing_the_export_loads_neither_the_evaluation_module_nor_matplotlib() -> None:
+    """Issue 20: finetune.export imported finetune.evaluate, and its figures' matplotlib, for one helper."""
+    code = ("import sys, finetune.export; "
+            "assert 'matplotlib' not in sys.modules and 'finetune.evaluate' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_an_export_that_fails_its_check_leaves_the_folder_as_it_was(checkpoints: dict[str, str], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: the mismatching file and model.json were written before the check failed.
+
+    The file written is the checkpoint's network with every logit scaled by 1.001 (relative error 1e-3).
+    Neither a fresh folder nor one holding a good export gains or loses anything.
+    """
+    from finetune import export
+
+    checkpoint, output = checkpoints["same"], tmp_path / "deploy" / "model.pt"
+    write = export.export_torchscript
+
+    def drifted(model: torch.nn.Module, path: Path, resolution: int) -> None:
+        scaled = copy.deepcopy(model)
+        with torch.no_grad():
+            scaled.classifier.weight.mul_(1.001)
+            scaled.classifier.bias.mul_(1.001)
+        write(scaled, path, resolution)
+
+    def contents() -> dict[str, bytes]:
+        return {path.name: path.read_bytes() for path in output.parent.iterdir()}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "export_torchscript", drifted)
+        with pytest.raises(export.ExportMismatchError, match="differs from PyTorch"):
+            main([checkpoint, "--format", "torchscript", "--output", str(output)])
+    assert contents() == {}
+
+    main([checkpoint, "--format", "torchscript", "--output", str(output)])
+    good = contents()
+    assert set(good) == {"model.pt", "model.json"}
+    monkeypatch.setattr(export, "export_torchscript", drifted)
+    with pytest.raises(export.ExportMismatchError, match="differs from PyTorch"):
+        main([checkpoint, "--format", "torchscript", "--output", str(output)])
+    assert contents() == good

@@ -81,7 +81,7 @@ def test_trainer_test_logs_precision_recall_f1_of_the_best_checkpoint(tmp_path):
     metrics = fit(cfg)
 
     predictions = split_predictions(metrics["best_checkpoint"], cfg, "test")
-    true, predicted = predictions.labels.numpy(), predictions.probs.argmax(1).numpy()
+    true, predicted = predictions.labels.numpy(), predictions.predicted.numpy()
     assert predictions.items[0].endswith("blue/0.png") and (predicted[:8] == true[:8]).all()  # first batch all right
     assert (predicted != true).any()
     assert metrics["test/acc"] == pytest.approx((predicted == true).mean(), abs=1e-6)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from finetune.datamodules import CIFAR10DataModule, ImageFolderDataModule
 from finetune.datamodules.splits import check_same_data, stable_split

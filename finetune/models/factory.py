@@ -64,7 +64,7 @@ def create_model(
         bn_eps=bn_eps or (weights and weights.bn_eps) or 1e-5,
         drop_rate=scaling.dropout if drop_rate is None else drop_rate,
         drop_path_rate=drop_path_rate,
-        resolution=resolution or scaling.resolution,
+        resolution=resolution or (weights and weights.resolution) or scaling.resolution,
         mean=rgb_triple(mean, "mean") if mean is not None else (weights and weights.mean) or default_mean,
         std=rgb_triple(std, "std") if std is not None else (weights and weights.std) or default_std,
         interpolation=(weights and weights.interpolation) or DEFAULT_INTERPOLATION,

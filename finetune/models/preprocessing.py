@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -83,6 +84,24 @@ class Preprocessing:
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x.float() * std + mean).clamp(0, 1)
+
+
+def resize_like_pil(images: Tensor, size: int, interpolation: str) -> Tensor:
+    """uint8 B×C×H×W -> uint8 B×C×size×size as PIL's `Image.resize` makes each image, on any device.
+
+    PIL (so `eval_transform` and model.json's recipe too) resizes the width, rounds to uint8, then
+    the height. One float resize of both axes keeps the first pass's bicubic overshoot that PIL
+    clips: up to 24 grey levels on 8 px digits upsampled to 64, enough to flip predictions.
+    Antialiased (PIL's kernels, also when upsampling) and rounded half up like PIL's fixed point,
+    this agrees with PIL within one grey level.
+    """
+    x = images.float()
+    height, width = x.shape[-2:]
+    for shape, needed in (((height, size), width != size), ((size, size), height != size)):
+        if needed:
+            x = F.interpolate(x, size=shape, mode=interpolation, align_corners=False, antialias=True)
+            x = x.add_(0.5).floor_().clamp_(0, 255)
+    return x.to(torch.uint8)
 
 
 def rgb_triple(value: Any, key: str) -> tuple[float, float, float]:

@@ -3,10 +3,10 @@
 The source decides `padding` and `bn_eps` (TF-trained weights need TF 'same' padding and
 eps 1e-3), the input mean/std, the eval resize interpolation and the crop, so users never
 set them by hand. A bare file says none of that: its family is read from a `config.json`
-beside it (the Hugging Face hub layout), from our own checkpoint's hyperparameters, from
-the key layout (lukemelas files are all TF ports) or from a timm name in its path; when
-nothing tells, loading is refused rather than guessed, since the wrong padding shifts every
-logit silently (~1e-2 for b0).
+beside it (the Hugging Face hub layout), from our own checkpoint's hyperparameters or our
+export's safetensors metadata, from the key layout (lukemelas files are all TF ports) or from
+a timm name in its path; when nothing tells, loading is refused rather than guessed, since the
+wrong padding shifts every logit silently (~1e-2 for b0).
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ class Pretrained:
     std: tuple[float, float, float] | None = None
     interpolation: str | None = None
     crop_fraction: float | None = None
+    #: The input size the weights were trained (and, for an export, fixed) at.
+    resolution: int | None = None
 
 
 #: The variants torchvision has ImageNet weights for.
@@ -131,7 +133,12 @@ def resolve_pretrained(name: str, pretrained: object) -> Pretrained | None:
 
 
 def _file_hints(path: Path, obj: object) -> dict[str, Any]:
-    """What the file's surroundings say about its family: the hub's config.json, or our checkpoint's record."""
+    """What the file or its surroundings say about its family: our export's metadata, the hub's config.json,
+    or our checkpoint's record."""
+    if path.suffix == ".safetensors":
+        exported = _export_hints(path)
+        if exported:
+            return exported
     config = path.with_name("config.json")
     if config.is_file():
         try:
@@ -166,6 +173,21 @@ def _file_hints(path: Path, obj: object) -> dict[str, Any]:
     return {}
 
 
+def _export_hints(path: Path) -> dict[str, Any]:
+    """A `finetune-export` safetensors file's own record (model.json, in its metadata): settings, preprocessing
+    and resolution, so the file loads with nothing else given; {} for any other safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        recorded = (f.metadata() or {}).get("finetune")
+    if recorded is None:
+        return {}
+    card = json.loads(recorded)
+    return {"source": f"{path} (finetune export)", "settings": (card["padding"], float(card["bn_eps"])),
+            "mean": tuple(card["mean"]), "std": tuple(card["std"]), "interpolation": card["interpolation"],
+            "crop_fraction": card["crop_fraction"], "resolution": card["resolution"]}
+
+
 def _bare_weights(sd: StateDict, name: str, origin: str, hints: dict[str, Any]) -> Pretrained:
     """Weights whose settings come from hints or the key layout; never from a guess."""
     layout = detect_layout(sd)
@@ -179,6 +201,7 @@ def _bare_weights(sd: StateDict, name: str, origin: str, hints: dict[str, Any]) 
     return Pretrained(
         sd, origin, pad, eps, hints.get("mean", mean), hints.get("std", std),
         hints.get("interpolation", DEFAULT_INTERPOLATION), hints.get("crop_fraction", DEFAULT_CROP_FRACTION),
+        hints.get("resolution"),
     )
 
 
