@@ -257,7 +257,7 @@ class _Listing:
         for entry in entries:
             if entry.name.startswith(b"."):
                 continue
-            if entry.is_dir(follow_symlinks=False):
+            if entry.is_dir():
                 self.walk(entry.path, prefix + b"/" + entry.name, ancestors | {node})
             elif entry.name.lower().endswith(self.suffixes) and entry.is_file():
                 self.names.append(prefix + b"/" + entry.name)
