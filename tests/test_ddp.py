@@ -25,13 +25,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from finetune.train import trainer_kwargs
+from helpers import write_digits_folder
 
 FINETUNE = Path(sys.executable).with_name("finetune")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 COMMON = [
-    "model=lite0", "model.resolution=32", "model.drop_rate=0", "data=digits", "data.augment=false",
-    "trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=3",
-    "trainer.limit_test_batches=3", "trainer.enable_progress_bar=false", "logger=csv",
+    "model=lite0", "model.resolution=32", "model.drop_rate=0", "data=imagefolder", "data.augment=false",
+    "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=csv",
 ]
 ONE_PROCESS = ["trainer=cpu", "data.batch_size=32"]
 TWO_PROCESSES = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16"]
@@ -76,10 +76,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
     script = root / "agreement.py"
     script.write_text(AGREEMENT_SCRIPT)
+    # Full-length epochs of a small real folder: 140 training images, 4 batches of 32 and one of 12, the same
+    # global batches as 2 processes x 16 (70 images each); 30 val and 30 test images split evenly.
+    data = f"data.root={write_digits_folder(root / 'digits', per_class=20)}"
     commands = {
-        "one": [str(FINETUNE), *COMMON, "finetune=frozen", *ONE_PROCESS, f"hydra.run.dir={root / 'one'}"],
-        "two": [str(FINETUNE), *COMMON, "finetune=frozen", *TWO_PROCESSES, f"hydra.run.dir={root / 'two'}"],
-        "gradual": [sys.executable, str(script), str(root / "gradual"), *COMMON, "finetune=gradual", *TWO_PROCESSES],
+        "one": [str(FINETUNE), *COMMON, data, "finetune=frozen", *ONE_PROCESS, f"hydra.run.dir={root / 'one'}"],
+        "two": [str(FINETUNE), *COMMON, data, "finetune=frozen", *TWO_PROCESSES, f"hydra.run.dir={root / 'two'}"],
+        "gradual": [sys.executable, str(script), str(root / "gradual"), *COMMON, data, "finetune=gradual", *TWO_PROCESSES],
     }
     started = {name: subprocess.Popen(cmd, cwd=root, env=ENV, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
