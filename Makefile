@@ -3,12 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A machine without a GPU: `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs the CPU
+# builds of torch and torchvision first, without the CUDA libraries (4.1 GB of a 6.4 GB .venv).
+TORCH_INDEX ?=
 
 .PHONY: demo demo-family test test-all bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q torch torchvision --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
