@@ -26,10 +26,10 @@ demo-family: $(STAMP)
 		trainer.enable_progress_bar=false
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n auto --dist loadfile -m ''
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

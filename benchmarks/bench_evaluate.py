@@ -30,7 +30,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    keeper = ScoreKeeper(args.classes, 5, torch.device("cpu")) if args.mode == "kept" else None
+    keeper = ScoreKeeper(args.classes, 5, torch.device("cpu"), images=args.images) if args.mode == "kept" else None
     full_probs, full_labels = [], []
     for first in range(0, args.images, args.batch_size):
         n = min(args.batch_size, args.images - first)

@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import Transform
 from finetune.config_rules import BOOL, PATH, SEED, Rule, either, hinted, integer, number, numbers, one_of, optional
 from finetune.datamodules.augment import AUTO_AUGMENT, auto_augment_policy, batch_mixer, erase_per_image, per_image
 from finetune.datamodules.device_decode import EncodedImages
-from finetune.datamodules.splits import check_same_data, split_identity
+from finetune.datamodules.splits import RECORDED_SETTINGS, check_same_data, examples_per_class, split_identity
 from finetune.errors import ConfigError
 from finetune.models.preprocessing import (
     DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, resize_like_pil,
@@ -36,6 +36,10 @@ from finetune.models.preprocessing import (
 from finetune.signals import ignore_in_worker
 
 Split = Literal["train", "val", "test"]
+#: `data.balance`: none, class-balanced sampling (`EpochSampler`), or a loss weighted by inverse class frequency.
+BALANCE = ("none", "sampler", "loss")
+#: The bit at which a balanced epoch's repeat count enters an `(index, epoch)` key (see `EpochSampler`).
+_REPEAT_SHIFT = 32
 
 _STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
     "fit": ("train", "val"),
@@ -168,15 +172,32 @@ class EpochSampler(DistributedSampler):
     (a shortened length shortened every later epoch too). It also owns the generator its
     DataLoader draws worker base seeds from, so loading never touches torch's global RNG
     (which checkpoints restore for dropout and device-side augmentation).
+
+    With `labels` (data.balance=sampler) epoch e instead draws as many samples as it has,
+    with replacement, each with probability proportional to 1 / its class's count: a class
+    uniformly, then a member uniformly, from numpy's generator seeded by (seed, e). The whole
+    epoch's draw is made on every process and sharded like DistributedSampler's, so exact
+    mid-epoch resume (`skip`) and DDP sharding hold as for the shuffle. torch's
+    WeightedRandomSampler is not used: it neither shards across processes nor draws from
+    (seed, epoch), and torch.multinomial, which it calls, refuses more than 2**24 samples.
+    A sample drawn again in the same epoch gets its own augmentation: its k-th repeat is
+    keyed `(index, epoch + k * 2**32)`, which seeded datasets only use as a seed.
     """
 
     def __init__(
-        self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, epoch: int = 0, skip: int = 0
+        self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, epoch: int = 0, skip: int = 0,
+        labels: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.generator = torch.Generator()
         self.keyed = bool(getattr(dataset, "seeded_by_epoch", False))
         self._skip_epoch, self._skip = epoch, skip
+        self._classes: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64)
+            counts = np.bincount(labels)
+            # members grouped by class, and each class's count and start among them
+            self._classes = (np.argsort(labels, kind="stable"), np.flatnonzero(counts), counts, np.cumsum(counts) - counts)
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -184,11 +205,28 @@ class EpochSampler(DistributedSampler):
         self.generator.manual_seed(self.seed + epoch)
 
     def __iter__(self) -> Iterator[int | tuple[int, int]]:
-        indices = list(super().__iter__())
+        if self._classes is None:
+            indices = list(super().__iter__())
+            epochs = [self.epoch] * len(indices)
+        else:
+            indices, epochs = self._balanced()
         if self.epoch == self._skip_epoch and self._skip:
-            indices = indices[self._skip:]
+            indices, epochs = indices[self._skip:], epochs[self._skip:]
         self._skip = 0  # only the resumed epoch starts late
-        return iter([(i, self.epoch) for i in indices] if self.keyed else indices)
+        return iter(list(zip(indices, epochs)) if self.keyed else indices)
+
+    def _balanced(self) -> tuple[list[int], list[int]]:
+        """This process's share of epoch e's class-balanced draw, and each sample's key epoch (its repeat in the high bits)."""
+        members, present, counts, first = self._classes
+        rng = np.random.default_rng([self.seed, self.epoch])
+        classes = present[rng.integers(len(present), size=self.total_size)]
+        drawn = members[first[classes] + rng.integers(0, counts[classes])]
+        by_index = np.argsort(drawn, kind="stable")
+        _, starts, runs = np.unique(drawn[by_index], return_index=True, return_counts=True)
+        repeat = np.empty(len(drawn), dtype=np.int64)
+        repeat[by_index] = np.arange(len(drawn)) - np.repeat(starts, runs)
+        mine = slice(self.rank, self.total_size, self.num_replicas)
+        return drawn[mine].tolist(), (self.epoch + (repeat[mine] << _REPEAT_SHIFT)).tolist()
 
 
 class ImageClassificationDataModule(L.LightningDataModule, ABC):
@@ -205,7 +243,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     device_flip: bool = False
     #: Whether eval images are resized whole rather than centre-cropped: true of in-memory datasets, whose
     #: small images `device_transform` upsamples entire. `preprocessing` then says crop fraction 1.0 whatever
-    #: the weights' is, so a checkpoint records what validation did and model.json prepares the same input.
+    #: the weights' is, so a checkpoint records what validation did and the export card prepares the same input.
     whole_image_eval: bool = False
     #: What each constructor keyword must be: the one table behind both the constructor's checks and
     #: `validate_config`'s, which reads it from `data._target_` before any data is read. A subclass lists
@@ -228,6 +266,8 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         "random_erasing": hinted(number(0, 1), "e.g. data.random_erasing=0.25"),
         "mixup_alpha": hinted(number(0), "0: off; e.g. data.mixup_alpha=0.2"),
         "cutmix_alpha": hinted(number(0), "0: off; e.g. data.cutmix_alpha=1.0"),
+        "balance": hinted(one_of(*BALANCE), "e.g. data.balance=sampler"),
+        "examples_per_class": hinted(optional(integer(1)), "null: every training image; e.g. data.examples_per_class=10"),
     }
 
     @classmethod
@@ -258,6 +298,8 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        balance: str = "none",
+        examples_per_class: int | None = None,
     ) -> None:
         super().__init__()
         # Recorded so checkpoints carry the data config (Lightning stores datamodule hparams).
@@ -285,6 +327,8 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.auto_augment = auto_augment
         self.random_erasing = random_erasing
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.balance = balance
+        self.examples_per_class = examples_per_class
         self._auto_augment = auto_augment_policy(auto_augment) if auto_augment else None
         self._mixer: Transform | None = None  # built on the first mixed batch: it needs num_classes
         self._datasets: dict[Split, Dataset] = {}
@@ -298,6 +342,11 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     @abstractmethod
     def has_test(self) -> bool:
         """Whether a test split exists; when False, `test_dataloader` raises."""
+
+    @property
+    def missing_test(self) -> str:
+        """Why there is no test split and how to get one: the end of a run says it where test metrics would be."""
+        return f"{type(self).__name__} has no test split; score held-out images with finetune-evaluate"
 
     @abstractmethod
     def _read_class_names(self) -> list[str]:
@@ -321,12 +370,46 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
     def data_identity(self) -> dict[str, Any]:
         """What a checkpoint records of the data a fit used, for `splits.check_same_data` to compare on resume.
 
-        {"class_names": [...], "splits": {"train": {"count", "digest"}, "val": {...}}}: a renamed class
-        folder would otherwise permute the labels silently, and a re-carved split validate on trained
-        images. Digests use relative paths or pixels, so a copy of the data elsewhere matches.
+        {"class_names": [...], "splits": {"train": {"count", "digest"}, "val": {...}}, "examples_per_class",
+        "balance"}: a renamed class folder would otherwise permute the labels silently, and a re-carved
+        split validate on trained images. Digests use relative paths or pixels, so a copy of the data
+        elsewhere matches.
         """
         return {"class_names": list(self.class_names),
-                "splits": {split: split_identity(self.dataset(split)) for split in _STAGE_SPLITS["fit"]}}
+                "splits": {split: split_identity(self.dataset(split)) for split in _STAGE_SPLITS["fit"]},
+                **{key: getattr(self, key) for key in RECORDED_SETTINGS}}
+
+    def _few_shot(self, keys: Sequence[bytes], labels: np.ndarray) -> np.ndarray | None:
+        """Positions of the training samples `examples_per_class` keeps (`splits.examples_per_class`); None: all.
+
+        `keys` name the samples stably (relative paths, indices in the source); the hashes are salted by
+        `split_seed` where the datamodule has one (another split_seed: other K images), else 0.
+        """
+        if self.examples_per_class is None:
+            return None
+        keep = examples_per_class(keys, labels, self.examples_per_class, getattr(self, "split_seed", 0))
+        short = int(np.sum(np.bincount(labels[keep], minlength=self.num_classes) < self.examples_per_class))
+        if short:
+            warnings.warn(f"data.examples_per_class={self.examples_per_class}: {short} of {self.num_classes} classes "
+                          "have fewer training images, and train on all they have", stacklevel=2)
+        return keep
+
+    def train_labels(self) -> np.ndarray:
+        """The training split's labels, from which `data.balance` weighs the classes."""
+        return np.asarray(self.dataset("train").labels, dtype=np.int64)
+
+    def class_weights(self) -> list[float] | None:
+        """With data.balance=loss, each class's loss weight: n / (classes * n_c) over the training split; else None.
+
+        scikit-learn's "balanced" class weight: a class's weighted count is the mean count. A class with no
+        training image gets 0 (no training loss term has its label). Computed from the split itself, after
+        `examples_per_class`, so a checkpoint's weights are those of the data its identity records.
+        """
+        if self.balance != "loss":
+            return None
+        counts = np.bincount(self.train_labels(), minlength=self.num_classes)
+        weights = np.divide(counts.sum() / np.count_nonzero(counts), counts, out=np.zeros(len(counts)), where=counts > 0)
+        return weights.tolist()
 
     def setup(self, stage: str | None = None) -> None:
         """Build (and scan) the splits `stage` needs here, in the main process, so bad data fails before workers start."""
@@ -395,7 +478,9 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         skip, self._train_skip = self._train_skip, 0
-        return EpochSampler(dataset, num_replicas=replicas, rank=rank, seed=self.seed, epoch=self._train_epoch, skip=skip)
+        labels = self.train_labels() if self.balance == "sampler" else None
+        return EpochSampler(dataset, num_replicas=replicas, rank=rank, seed=self.seed, epoch=self._train_epoch,
+                            skip=skip, labels=labels)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training data stands, saved in checkpoints: the epoch, and how far into it.
@@ -453,7 +538,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             images = random_translate_flip(images, self.device_pad, self.device_flip)
         if train and self._auto_augment is not None:
             images = per_image(self._auto_augment, images)
-        if images.shape[-2:] != (self.resolution, self.resolution):  # as model.json's recipe and eval_transform resize
+        if images.shape[-2:] != (self.resolution, self.resolution):  # as the export card's recipe and eval_transform resize
             images = resize_like_pil(images, self.resolution, self.interpolation)
         x = images.float().div_(255)
         mean, std = self._device_stats(x.device)

@@ -150,10 +150,13 @@ class _CIFARDataModule(ImageClassificationDataModule):
             images, labels, _ = self._load_official(train=False)
             return InMemoryImageDataset(images, labels)
         images, labels, _ = self._load_official(train=True)
-        if self.val_fraction == 0:
+        if self.val_fraction == 0 and self.examples_per_class is None:
             return InMemoryImageDataset(images, labels)
         keys = [b"%d" % i for i in range(len(labels))]  # the index in the official train set
-        train_idx, val_idx = stable_split(keys, labels.numpy(), self.val_fraction, self.split_seed)
+        train_idx, val_idx = (stable_split(keys, labels.numpy(), self.val_fraction, self.split_seed)
+                              if self.val_fraction else (np.arange(len(labels)), None))
+        if split == "train" and (few := self._few_shot([keys[i] for i in train_idx], labels.numpy()[train_idx])) is not None:
+            train_idx = train_idx[few]  # data.examples_per_class
         index = torch.from_numpy(train_idx if split == "train" else val_idx)
         return InMemoryImageDataset(images[index], labels[index])
 

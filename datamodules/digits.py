@@ -56,5 +56,8 @@ class DigitsDataModule(ImageClassificationDataModule):
     def _build_split(self, split: Split) -> Dataset:
         images, labels = self._load()
         parts = stratified_split(labels.numpy(), SPLIT_FRACTIONS, self.seed)
-        index = torch.from_numpy(parts[_SPLITS.index(split)])
-        return InMemoryImageDataset(images[index], labels[index])
+        index = parts[_SPLITS.index(split)]
+        # data.examples_per_class: keyed by the index in scikit-learn's array; chosen among this seed's train split
+        if split == "train" and (few := self._few_shot([b"%d" % i for i in index], labels.numpy()[index])) is not None:
+            index = index[few]
+        return InMemoryImageDataset(images[torch.from_numpy(index)], labels[torch.from_numpy(index)])

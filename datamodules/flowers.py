@@ -70,6 +70,8 @@ class Flowers102DataModule(ImageFileDataModule):
         # labels, so workers read the files themselves (and a full check can filter them first).
         files = PathArray.from_names(reader._images_folder, [path.name for path in reader._image_files])
         labels = np.asarray(reader._labels, dtype=np.int64)
+        if split == "train" and (few := self._few_shot(files.names(), labels)) is not None:  # data.examples_per_class
+            files, labels = files.take(few), labels[few]
         if self.verify_images:
             files, labels = drop_unreadable(files, labels, self.skip_corrupt)
         return self._file_dataset(files, labels, split)

@@ -69,6 +69,14 @@ class ImageFolderDataModule(ImageFileDataModule):
     def has_test(self) -> bool:
         return self._split_layout and (self._base / "test").is_dir()
 
+    @property
+    def missing_test(self) -> str:
+        root = self.root
+        layout = ("has no test/ folder" if self._split_layout
+                  else "is one folder per class, which training splits into train and val only")
+        return (f"'{root}' {layout}: put held-out images in {root}/test/<class>/ beside {root}/train/<class>/ to test "
+                "the best checkpoint after training, or score any labelled folder with finetune-evaluate")
+
     def _read_class_names(self) -> list[str]:
         folder = self._train_folder
         classes = class_folders(folder) if folder.is_dir() else []
@@ -189,6 +197,9 @@ class ImageFolderDataModule(ImageFileDataModule):
                 if self._carved is None:  # once for both splits
                     self._carved = stable_split(files.names(), labels, self.val_fraction, self.split_seed)
                 keep = self._carved[0 if split == "train" else 1]
+                files, labels, unreadable = files.take(keep), labels[keep], _renumbered(unreadable, keep)
+            keep = self._few_shot(files.names(), labels) if split == "train" else None
+            if keep is not None:  # data.examples_per_class: the K highest-hashing training files of each class
                 files, labels, unreadable = files.take(keep), labels[keep], _renumbered(unreadable, keep)
         else:
             files, labels, unreadable = self._samples(self._base / split)

@@ -9,6 +9,11 @@ the training seed. Per class, the samples with the lowest hashes validate, so ad
 removing a file changes the side of at most about one other file of its class, and copies
 of the data on other disks split alike.
 
+`examples_per_class` keeps, per class, the training members with the highest hashes of the
+same kind (BiT's `--examples_per_class`): validation takes the lowest, so the two sit at
+opposite ends of one order, and the K images of a class are its K highest-hashing files
+whatever `val_fraction` carves out and whatever the training seed.
+
 `data_identity` (on the datamodule) records the class names and a digest of each split;
 `check_same_data` compares a checkpoint's record with the data at hand, so that a resume
 on renamed classes or a re-carved split fails in one line instead of silently training on
@@ -31,6 +36,10 @@ from finetune.errors import ConfigError
 #: What to do when a checkpoint's data and the data at hand differ.
 _FIX = ("resume with the data (and data.val_fraction, data.split_seed) it was trained on, "
         "or start fresh with ckpt_path=null")
+#: Training-data settings a checkpoint records beside the splits, with what a record made before them means.
+#: A resume with another value would train on other images (`examples_per_class`) or in another order or loss
+#: (`balance`), so it is refused by name rather than through the train split's digest.
+RECORDED_SETTINGS: dict[str, Any] = {"examples_per_class": None, "balance": "none"}
 
 
 def sample_hashes(keys: Sequence[bytes], split_seed: int) -> np.ndarray:
@@ -73,6 +82,27 @@ def stable_split(
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
+def examples_per_class(
+    keys: Sequence[bytes], labels: Sequence[int] | np.ndarray, count: int, split_seed: int = 0
+) -> np.ndarray:
+    """Positions (sorted) of the `count` members of each class with the highest salted hashes; a smaller class keeps all.
+
+    Each file's hash is a property of the file, so "the same K images when files are added" means:
+    an added file joins its class's K only if it hashes above the K-th (it then replaces that one),
+    a removed file outside the K changes nothing, and one inside is replaced by the next highest;
+    other classes never change. Only `keys`, `labels` and `split_seed` matter, never the list's
+    order or the training seed.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(keys) != len(labels):
+        raise ValueError(f"{len(keys)} keys but {len(labels)} labels")
+    order = np.lexsort((sample_hashes(keys, split_seed), labels))  # by class, then hash ascending
+    sizes = np.bincount(labels)
+    end = np.cumsum(sizes)  # where each class's run in `order` stops
+    from_top = end[labels[order]] - np.arange(len(labels))  # 1 for a class's highest hash
+    return np.sort(order[from_top <= count])
+
+
 def split_identity(dataset: Dataset) -> dict[str, Any]:
     """{"count", "digest"} of a split's membership and labels, unchanged by copying the data elsewhere.
 
@@ -97,6 +127,13 @@ def check_same_data(recorded: Mapping[str, Any], current: Mapping[str, Any], whe
 
     `where` names the checkpoint in the message, e.g. "ckpt_path 'last.ckpt'".
     """
+    for key, default in RECORDED_SETTINGS.items():
+        then, now = recorded.get(key, default), current.get(key, default)
+        if then != now:
+            shown = "null" if then is None else then
+            raise ConfigError(f"{where} was trained with data.{key}={shown}, this run has data.{key}="
+                              f"{'null' if now is None else now}; resume with data.{key}={shown}, "
+                              "or start fresh with ckpt_path=null")
     splits = (_split_difference(name, then, current["splits"].get(name)) for name, then in recorded["splits"].items())
     difference = _class_difference(list(recorded["class_names"]), list(current["class_names"])) or next(
         filter(None, splits), None)

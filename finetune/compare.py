@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import lightning as L
@@ -40,11 +40,15 @@ from torch.utils.data import default_collate
 from torchmetrics.classification import MulticlassRecall
 
 from finetune.config_checks import validate_config
+from finetune.console import next_commands, route_to_run_log, say
 from finetune.datamodules.augment import augmenting_keys
 from finetune.errors import user_errors
 from finetune.models.efficientnet import EfficientNetConfig
 from finetune.models.profile import params_and_macs
 from finetune.train import build_datamodule, fit, run_command
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Marker shapes of the frontier plot, one per model.
 MARKERS = "osD^vP*Xhp<>"
@@ -203,7 +207,7 @@ def compare_config(cfg: DictConfig, output_dir: str | Path) -> list[RunResult]:
     for run in runs:
         validate_config(run)  # e.g. lite2's weights package missing: said now, not after lite0 and lite1 trained
     results = [fit_run(run) for run in runs]
-    write_reports(results, out)
+    write_reports(results, out, data_name(base))
     write_frontier(results, out)
     write_cam(runs[0], {r.run: r.best_checkpoint for r in results if r.model == models[0]}, out)  # the first model's
     return results
@@ -316,9 +320,8 @@ def markdown_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(results: list[RunResult], out: Path) -> None:
-    from matplotlib.ticker import MaxNLocator
-
+def write_reports(results: list[RunResult], out: Path, data: str) -> None:
+    """comparison.json, comparison.md and comparison.png; `data` names the data in the figure's title."""
     from finetune.cam import plt
 
     out.mkdir(parents=True, exist_ok=True)
@@ -326,19 +329,56 @@ def write_reports(results: list[RunResult], out: Path) -> None:
     per_class = per_class_table(results)
     per_class = f"\n\nPer-class validation accuracy (best checkpoint of each run):\n\n{per_class}" if per_class else ""
     (out / "comparison.md").write_text(markdown_table(results) + per_class + "\n")
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results:
-        acc_ax.plot(range(1, len(r.val_acc) + 1), r.val_acc, marker="o", label=r.run)
-        loss_ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, marker="o", label=r.run)
-    acc_ax.set(title="validation accuracy", xlabel="epoch", ylabel="top-1")
+    fig = comparison_figure(results, data)
+    fig.savefig(out / "comparison.png", dpi=110)
+    plt.close(fig)
+
+
+def data_name(cfg: DictConfig) -> str:
+    """The data a run trained on, as a figure names it: the datamodule (digits, cifar100, ...), an image folder's path."""
+    name = str(cfg.data._target_).rsplit(".", 1)[-1].removesuffix("DataModule").lower()
+    return f"the image folder {cfg.data.root}" if name == "imagefolder" else name
+
+
+def comparison_figure(results: list[RunResult], data: str) -> Figure:
+    """Validation accuracy and training loss per epoch of each run, and each best checkpoint's test accuracy.
+
+    The test accuracy is a star at the epoch of the checkpoint it was measured on (the first
+    of the best val/acc, the one ModelCheckpoint keeps), so it reads against that run's curve.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    from finetune.cam import plt
+
+    models = ", ".join(dict.fromkeys(r.model for r in results))
+    resolutions = sorted({r.resolution for r in results})
+    at = f" at {resolutions[0]} px" if len(resolutions) == 1 else ""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
+    for i, r in enumerate(results):
+        colour = f"C{i % 10}"
+        label = r.run if r.test_acc is None else f"{r.run} (test {r.test_acc:.4f})"
+        acc_ax.plot(range(1, len(r.val_acc) + 1), r.val_acc, marker="o", color=colour, label=label)
+        loss_ax.plot(range(1, len(r.train_loss) + 1), r.train_loss, marker="o", color=colour, label=r.run)
+        if r.test_acc is not None and r.val_acc:
+            best_epoch = r.val_acc.index(max(r.val_acc)) + 1
+            acc_ax.scatter(best_epoch, r.test_acc, marker="*", s=180, color=colour, edgecolor="black", lw=0.6, zorder=3)
+    tested = any(r.test_acc is not None for r in results)
+    acc_ax.set(title="validation accuracy" + ("; ★ test accuracy of the best checkpoint" if tested
+                                              else " (no test split: no test accuracy)"),
+               xlabel="epoch", ylabel="top-1 accuracy")
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
+    handles, _ = acc_ax.get_legend_handles_labels()
+    if tested:
+        handles.append(Line2D([], [], ls="", marker="*", markersize=12, color="0.6", markeredgecolor="black",
+                              label="test accuracy"))
+    acc_ax.legend(handles=handles, fontsize=8)
+    loss_ax.legend(fontsize=8)
     for ax in (acc_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "comparison.png", dpi=110)
-    plt.close(fig)
+    fig.suptitle(f"{models}{at} on {data}: one run per policy, same data, seed and budget")
+    return fig
 
 
 def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
@@ -355,7 +395,20 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
 
 
 def write_frontier(results: list[RunResult], out: Path) -> None:
-    """comparison_frontier.png: best val accuracy against GMACs and against train-epoch time, each with its Pareto front."""
+    """comparison_frontier.png (see `frontier_figure`)."""
+    from finetune.cam import plt
+
+    fig = frontier_figure(results)
+    fig.savefig(out / "comparison_frontier.png", dpi=110)
+    plt.close(fig)
+
+
+def frontier_figure(results: list[RunResult]) -> Figure:
+    """Best val accuracy against GMACs and against train-epoch time, each with its Pareto front.
+
+    A cost that every run shares (one model: one GMACs value) would put every point on one
+    vertical line, so it gets no panel: the title states it instead.
+    """
     from matplotlib.lines import Line2D
     from matplotlib.ticker import LogFormatter
 
@@ -374,10 +427,13 @@ def write_frontier(results: list[RunResult], out: Path) -> None:
     resolutions = sorted({r.resolution for r in results})
     at = f"at {resolutions[0]} px" if len(resolutions) == 1 else "at each model's resolution"
     accuracy = [r.best_val_acc for r in results]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
-    panels = ((axes[0], [r.macs / 1e9 for r in results], "accuracy against compute", f"GMACs per image {at}"),
-              (axes[1], [r.epoch_seconds for r in results], "accuracy against training time", "train epoch (s)"))
-    for ax, cost, title, xlabel in panels:
+    panels = [([r.macs / 1e9 for r in results], "accuracy against compute", f"GMACs per image {at}"),
+              ([r.epoch_seconds for r in results], "accuracy against training time", "train epoch (s)")]
+    shared = [p for p in panels if len(set(p[0])) == 1]
+    drawn = [p for p in panels if p not in shared] or panels[-1:]
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5.5 * len(drawn) + 1.5, 4.2), sharey=True, squeeze=False,
+                             layout="constrained")
+    for ax, (cost, title, xlabel) in zip(axes[0], drawn):
         front = pareto_front(cost, accuracy)
         if front:  # the best accuracy each budget buys, held out to the largest cost shown
             xs, ys = [cost[i] for i in front] + [max(cost)], [accuracy[i] for i in front] + [accuracy[front[-1]]]
@@ -388,13 +444,15 @@ def write_frontier(results: list[RunResult], out: Path) -> None:
         ax.xaxis.set_major_formatter(Plain())
         ax.xaxis.set_minor_formatter(Plain(minor_thresholds=(2, 0.5)))  # some minor ticks labelled up to 2 decades
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("best validation accuracy")
+    axes[0][0].set_ylabel("best validation accuracy")
+    if len(drawn) < len(panels) and shared:
+        cost, _, xlabel = shared[0]
+        fig.suptitle(f"every run: {', '.join(models)}, {cost[0]:.3g} {xlabel}", fontsize=10)
     handles = ([Line2D([], [], ls="", marker=marker[m], color="0.5", markeredgecolor="black", label=m) for m in models]
                + [Line2D([], [], ls="", marker="s", color=colour[p], label=p) for p in policies]
                + [Line2D([], [], ls="--", color="0.4", label="Pareto front")])
     fig.legend(handles=handles, loc="outside right upper", frameon=False)
-    fig.savefig(out / "comparison_frontier.png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) -> None:
@@ -417,10 +475,13 @@ def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) ->
     picks = [val[i] for i in range(min(int(cfg.compare.cam_images), len(val)))]
     collate = getattr(val, "collate_fn", None) or default_collate  # data.decode=device: items are file bytes
     x, labels = datamodule.device_batch(collate(picks), train=False)  # decoded, resized, normalised as validation
-    cams = {p: grad_cam(m.model, x, labels) for p, m in modules.items()}
-    names = [datamodule.class_names[int(i)] for i in labels]
+    activations = {p: grad_cam(m.model, x, labels) for p, m in modules.items()}
+    classes = datamodule.class_names
+    names = [classes[int(i)] for i in labels]
+    predictions = {p: [(classes[int(k)], float(v)) for v, k in zip(*a.probabilities.max(1))]
+                   for p, a in activations.items()}
     shown = preprocessing.denormalize(x)  # exactly what the networks saw
-    fig = cam_figure(shown, cams, names)
+    fig = cam_figure(shown, {p: a.maps for p, a in activations.items()}, names, predictions)
     fig.savefig(out / "comparison_cam.png", dpi=110)
     with SummaryWriter(str(out / "tensorboard" / "cam")) as writer:
         writer.add_figure("cam/comparison", fig)
@@ -434,11 +495,28 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://finetune.conf", config_name="compare")
 def hydra_main(cfg: DictConfig) -> None:
+    route_to_run_log()
     with user_errors():
         out = HydraConfig.get().runtime.output_dir
         results = compare_config(cfg, out)
-        print(f"\nComparison in {out} (tensorboard --logdir {out}/tensorboard):\n")
-        print(markdown_table(results))
+        say(compare_summary(results, Path(out)))
+
+
+def compare_summary(results: list[RunResult], out: Path) -> list[str]:
+    """The end of `finetune-compare`: the table, where the files went, the best run and what to type next."""
+    lines = ["", markdown_table(results), "", f"comparison in:   {out} (comparison.md, .json, .png; runs/<policy>/)"]
+    scored = [r for r in results if r.best_val_acc is not None and math.isfinite(r.best_val_acc)]
+    best = max(scored, key=lambda r: r.best_val_acc, default=None)
+    if best is not None:
+        lines.append(f"best run:        {best.run} (val/acc {best.best_val_acc:.4f}): {best.best_checkpoint}")
+        if best.test_acc is not None:
+            lines.append(f"test:            test/acc {best.test_acc:.4f} (its best checkpoint)")
+        else:
+            recorded = out / "runs" / best.run / "metrics.json"
+            skipped = json.loads(recorded.read_text()).get("test_skipped") if recorded.is_file() else None
+            lines.append(f"test:            none: {skipped or 'no test metrics were recorded'}")
+    lines.append(f"log:             {out / 'compare.log'}")
+    return lines + next_commands(best.best_checkpoint if best else None, out, out / "tensorboard")
 
 
 if __name__ == "__main__":

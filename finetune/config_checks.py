@@ -48,7 +48,7 @@ RESOLUTION = Rule(lambda v: is_integer(v) and v >= 32, "an integer >= 32 (Effici
                   hint="e.g. model.resolution=224")
 PRETRAINED_KINDS = "true, false, null, 'timm', 'timm:<tag>', 'torchvision', 'package' or a checkpoint path"
 #: The metrics FineTuneModule logs per epoch that a checkpoint or early stopping may watch, and their better direction.
-MONITORED = {"val/acc": "max", "val/acc_top5": "max", "val/loss": "min",
+MONITORED = {"val/acc": "max", "val/acc_top5": "max", "val/balanced_acc": "max", "val/loss": "min",
              "train/acc": "max", "train/epoch_loss": "min", "train/loss": "min"}
 
 TOP: dict[str, Rule] = {
@@ -255,7 +255,8 @@ def _check_pretrained(model: str, pretrained: Any) -> None:
     if pretrained is None or pretrained is False:
         return
     check_pretrained(model, pretrained)
-    source = pretrained is True or pretrained in ("package", "torchvision", "timm") or pretrained.startswith("timm:")
+    source = pretrained is True or pretrained in ("package", "torchvision", "timm") or pretrained.startswith(
+        ("timm:", "hf-hub:", "local-dir:"))
     if not source and not Path(pretrained).expanduser().exists():
         raise ConfigError(f"model.pretrained='{pretrained}' is neither an existing file nor a weights source; "
                           f"use {PRETRAINED_KINDS}")
@@ -297,6 +298,9 @@ def _check_training(finetune: dict[str, Any], optim: dict[str, Any], trainer: di
     policy = FinetunePolicy(**finetune).validate(NUM_STAGES)  # its own cross-key rules (cache_features)
     if policy.cache_features:
         check_cacheable(data)
+    if policy.name == "probe" and data.get("balance", "none") != "none":
+        raise ConfigError(f"data.balance={data['balance']} does not apply to finetune=probe, whose convex fit weighs "
+                          "every training image alike; set data.balance=none (data.examples_per_class does apply)")
     epochs, warmup = trainer["max_epochs"], optim["warmup_epochs"]
     if optim["scheduler"] == "constant" and warmup > 0:
         raise ConfigError(f"optim.warmup_epochs={warmup} needs optim.scheduler=cosine (constant has no warmup); "

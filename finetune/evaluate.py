@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import csv
 import json
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -129,28 +130,40 @@ class ScoreKeeper:
     """Updates the report's metrics with each batch of probabilities and keeps only each image's top-k and label.
 
     k = max(5, `top_k`) (capped at the class count): predictions.csv lists the top 5. The metrics
-    live on the probabilities' device; what is kept goes to the CPU.
+    live on the probabilities' device; what is kept goes to the CPU, into arrays allocated once for
+    `images` rows: kept as a list of small per-batch tensors, they pinned the freed probability
+    batches in the heap and the process grew with the images (`benchmarks/RESULTS.md`).
     """
 
-    def __init__(self, num_classes: int, top_k: int, device: torch.device, labelled: bool = True) -> None:
+    def __init__(self, num_classes: int, top_k: int, device: torch.device, labelled: bool = True,
+                 images: int = 0) -> None:
         self.k = min(max(5, top_k), num_classes)
         self.metrics = report_metrics(num_classes).to(device) if labelled else None
-        self._probs: list[Tensor] = []
-        self._classes: list[Tensor] = []
-        self._labels: list[Tensor] = []
+        self._kept = 0
+        self._probs = torch.empty(images, self.k)
+        self._classes = torch.empty(images, self.k, dtype=torch.int32)
+        self._labels = torch.empty(images, dtype=torch.int64)
 
     def update(self, probs: Tensor, labels: Tensor) -> None:
         """Take one batch: softmax probabilities (B×C, float32) and integer labels (B)."""
         if self.metrics is not None:
             self.metrics.update(probs, labels.to(probs.device))
         top = probs.topk(self.k, dim=-1)
-        self._probs.append(top.values.cpu())
-        self._classes.append(top.indices.to(torch.int32).cpu())
-        self._labels.append(labels.cpu().long())
+        begin, end = self._kept, self._kept + len(probs)
+        if end > len(self._labels):  # more images than announced: grow geometrically (rare: announced is exact)
+            size = max(end, 2 * len(self._labels))
+            self._probs, self._classes, self._labels = (
+                torch.cat([t[:begin], t.new_empty(size - begin, *t.shape[1:])])
+                for t in (self._probs, self._classes, self._labels))
+        self._probs[begin:end] = top.values
+        self._classes[begin:end] = top.indices
+        self._labels[begin:end] = labels
+        self._kept = end
 
     def scores(self) -> Scores:
         metrics = None if self.metrics is None else {k: v.cpu() for k, v in self.metrics.compute().items()}
-        return Scores(torch.cat(self._probs), torch.cat(self._classes), torch.cat(self._labels), metrics)
+        n = self._kept
+        return Scores(self._probs[:n].clone(), self._classes[:n].clone(), self._labels[:n].clone(), metrics)
 
 
 @dataclass
@@ -181,19 +194,20 @@ class Predictions(Scores):
 @torch.no_grad()
 def predict(module: FineTuneModule, batches: Iterable[Any], to_input: Callable[[Any], tuple[Tensor, Tensor]],
             channels_last: bool = True, inference: Inference | None = None, top_k: int = 5,
-            labelled: bool = True) -> Scores:
+            labelled: bool = True, images: int = 0) -> Scores:
     """The kept `Scores` of `batches`, in their order: metrics updated per batch, top-k and labels per image.
 
     Each batch goes to the device first and `to_input` then turns it into (network input, labels),
     as Lightning's transfer and training's device transform do. `channels_last` as training's
     validation had it (the datamodules default to it), so even near-ties between classes resolve
     as they did when val/acc was logged. Logits are softmaxed in float32, as `TestReport` does.
+    `images`: how many `batches` hold, when known; what is kept is allocated once for them.
     """
     inference = inference or Inference.choose()
     model = module.model.eval().to(inference.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    keeper = ScoreKeeper(module.model.num_classes, top_k, inference.device, labelled)
+    keeper = ScoreKeeper(module.model.num_classes, top_k, inference.device, labelled, images)
     for batch in batches:
         x, y = to_input(move_data_to_device(batch, inference.device))
         with inference.autocast():
@@ -266,7 +280,7 @@ def predict_images(module: FineTuneModule, dataset: EvaluationImages, batch_size
             raise ConfigError(f"none of the {len(files)} images could be decoded (the first: '{files[0]}')")
 
     scores = predict(module, readable(), _normalized(module.preprocessing), inference=inference, top_k=top_k,
-                     labelled=labelled)
+                     labelled=labelled, images=len(dataset))
     return scores, kept
 
 
@@ -370,7 +384,7 @@ def split_predictions(checkpoint: str | Path, cfg: DictConfig, split: str = "val
     transform = partial(datamodule.device_batch, train=False)  # decode=device too
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     inference = inference or Inference.choose()
-    scores = predict(module, loader, transform, inference=inference,
+    scores = predict(module, loader, transform, inference=inference, images=len(dataset),
                      channels_last=getattr(datamodule, "channels_last", False))  # as train.build_module sets it
     files = getattr(dataset, "files", None)
     items = [str(f) for f in files] if files is not None else [f"{split}[{i}]" for i in range(len(scores.labels))]
@@ -456,7 +470,8 @@ def summary(report: dict[str, Any]) -> str:
     pairs = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in report["most_confused"][:3])
     skipped = report.get("unreadable_skipped", 0)
     return (f"{report['images']} images, {report['classes']} classes: accuracy {report['accuracy']:.4f}, "
-            f"top-{report['top_k']} {report['top5_accuracy']:.4f}, macro F1 {report['macro_avg']['f1']:.4f}, "
+            f"top-{report['top_k']} {report['top5_accuracy']:.4f}, "
+            f"balanced {report['balanced_accuracy']:.4f}, macro F1 {report['macro_avg']['f1']:.4f}, "
             f"ECE {report['expected_calibration_error']:.4f}" + (f"; most confused: {pairs}" if pairs else "")
             + (f"; {skipped} unreadable image{'s' * (skipped > 1)} skipped" if skipped else ""))
 
@@ -506,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
             write_report(predictions, report, output)
         print(summary(report))
         if output:
-            print(f"written to {output}: {', '.join(REPORT_FILES)}")
+            print(f"written to {output}: {', '.join(REPORT_FILES)} (start with {output / 'report.md'})")
+        print(f"next: finetune-export {shlex.quote(str(checkpoint))} --format onnx --output <folder>/model.onnx")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
@@ -47,6 +48,7 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
         super().__init__(
             root=source.root, batch_size=source.batch_size, num_workers=0, resolution=source.resolution,
             mean=source.mean, std=source.std, augment=False, seed=source.seed, pin_memory=False,
+            balance=source.balance,  # the source's sampler draws (data.balance=sampler), and its loss weights
         )
         check_cacheable({key: getattr(source, key) for key in ("augment", *TRAINING_ONLY_KEYS)})
         self.source = source
@@ -61,6 +63,9 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
 
     def data_identity(self) -> dict[str, Any]:
         return self.source.data_identity()  # the images the features come from
+
+    def train_labels(self) -> np.ndarray:
+        return self.source.train_labels()
 
     def _build_split(self, split: Split) -> Dataset:
         if split == "test":
@@ -95,7 +100,8 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
         mine = range(start, min(start + share, len(dataset)))
         was_training = model.training
         model.eval()
-        mine_features, mine_labels = pooled_features(model, self.source, split, module.device, indices=mine)
+        mine_features, mine_labels = pooled_features(model, self.source, split, module.device, indices=mine,
+                                                     progress=trainer.progress_bar_callback is not None)
         model.train(was_training)
         if trainer.world_size == 1:
             return mine_features, mine_labels
@@ -118,7 +124,7 @@ class CachedFeatureDataModule(ImageClassificationDataModule):
 @torch.no_grad()
 def pooled_features(
     model: EfficientNet, source: ImageClassificationDataModule, split: Split, device: torch.device,
-    indices: Sequence[int] | None = None,
+    indices: Sequence[int] | None = None, progress: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Pooled penultimate features (float32, on the CPU) and labels of a split, in order, through the eval transform.
 
@@ -133,7 +139,7 @@ def pooled_features(
                         shuffle=False, num_workers=source.loader_workers, pin_memory=source.pin_memory,
                         generator=torch.Generator().manual_seed(0), collate_fn=getattr(dataset, "collate_fn", None))
     features, labels = [], []
-    for batch in tqdm(loader, desc=f"{split} features", leave=False):
+    for batch in tqdm(loader, desc=f"{split} features", leave=False, disable=not progress):
         x, y = source.device_batch(move_data_to_device(batch, device), train=False)
         features.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
         labels.append(y.cpu())

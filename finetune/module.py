@@ -41,6 +41,7 @@ class FineTuneModule(L.LightningModule):
         label_smoothing: float = 0.1,
         class_names: list[str] | None = None,
         preprocessing: dict[str, Any] | None = None,
+        class_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -63,10 +64,12 @@ class FineTuneModule(L.LightningModule):
                 rank_zero_info("no pretrained weights: optim.backbone_lr_scale defaults to 1.0 (the whole network learns at optim.lr)")
         _check_optim(self.optim_cfg)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.weigh_classes(class_weights)
         top5 = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.val_balanced_acc = MulticlassAccuracy(num_classes, average="macro")  # the mean recall per class
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.frozen_parts = apply_policy(self.model, self.policy, epoch=0)
@@ -98,6 +101,28 @@ class FineTuneModule(L.LightningModule):
         # Kept in the hyperparameters, so every checkpoint carries what its training fed the network.
         self._preprocessing = value
         self.hparams.preprocessing = value.to_dict()
+
+    def weigh_classes(self, weights: list[float] | None) -> None:
+        """The loss's class weights (data.balance=loss), kept in the hyperparameters and so in every checkpoint.
+
+        Not in the state dict (a non-persistent buffer): weight files keep the network's keys only,
+        and checkpoints with and without weights load alike.
+        """
+        self.hparams.class_weights = None if weights is None else [float(w) for w in weights]
+        tensor = None if weights is None else torch.tensor(self.hparams.class_weights, device=self.device)
+        self.criterion.register_buffer("weight", tensor, persistent=False)
+
+    def setup(self, stage: str) -> None:
+        """A new fit takes its class weights from the datamodule's training labels (`class_weights`)."""
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if stage == "fit" and self.hparams.get("class_weights") is None and hasattr(datamodule, "class_weights"):
+            self.weigh_classes(datamodule.class_weights())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed fit (and a test of a checkpoint) uses the class weights the checkpoint recorded."""
+        recorded = checkpoint.get("hyper_parameters", {})
+        if "class_weights" in recorded:
+            self.weigh_classes(recorded["class_weights"])
 
     # --- policy ---------------------------------------------------------------------------
 
@@ -144,9 +169,11 @@ class FineTuneModule(L.LightningModule):
         logits = self(x)
         self.val_acc(logits, y)
         self.val_acc_top5(logits, y)
+        self.val_balanced_acc(logits, y)
         self.log("val/loss", self.criterion(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
         self.log("val/acc_top5", self.val_acc_top5, on_epoch=True)
+        self.log("val/balanced_acc", self.val_balanced_acc, on_epoch=True)
         return logits.detach()
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ fine-tuning.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 from torch import nn
@@ -21,7 +21,9 @@ from finetune.config_rules import name as name_rule
 from finetune.errors import ConfigError
 from finetune.models import EfficientNet
 
-POLICIES = ("full", "frozen", "partial", "gradual", "probe")  # probe: finetune/probe.py (no epochs)
+POLICIES = ("full", "frozen", "partial", "gradual", "probe", "lpft")  # probe, lpft's head: finetune/probe.py
+#: What `finetune=lpft` fine-tunes from the probe's head (`finetune.after_probe`).
+AFTER_PROBE = ("full", "partial", "gradual")
 BN_MODES = ("eval", "train")
 #: Old `finetune.bn` values, accepted with a FutureWarning for one release: `frozen` named a policy, not a BatchNorm mode.
 RENAMED_BN_MODES = {"frozen": "eval"}
@@ -35,6 +37,7 @@ def finetune_rules(num_stages: int) -> dict[str, Rule]:
         "unfreeze_at_epoch": integer(0),
         "bn": one_of(*BN_MODES, *RENAMED_BN_MODES),
         "cache_features": BOOL,
+        "after_probe": name_rule("policy after the probe", AFTER_PROBE),
     }
 
 
@@ -48,10 +51,12 @@ def model_parts(model: EfficientNet) -> dict[str, nn.Module]:
 
 @dataclass(frozen=True)
 class FinetunePolicy:
-    """full | frozen (head only) | partial (last k stages + top + head) | gradual (frozen, then full).
+    """full | frozen (head only) | partial (last k stages + top + head) | gradual (frozen, then full) | lpft.
 
     `top` trains with partial because it sits between the trained stages and the head;
-    frozen keeps it fixed so pooled features stay cacheable.
+    frozen keeps it fixed so pooled features stay cacheable. lpft starts from the linear
+    probe's head (`probe.ProbeHead`) and then trains as `after_probe` says; other policies
+    ignore `after_probe`.
     """
 
     name: str = "full"
@@ -59,6 +64,7 @@ class FinetunePolicy:
     unfreeze_at_epoch: int = 1
     bn: str = "eval"
     cache_features: bool = False
+    after_probe: str = "full"
 
     def validate(self, num_stages: int) -> FinetunePolicy:
         for key, rule in finetune_rules(num_stages).items():
@@ -75,12 +81,20 @@ class FinetunePolicy:
         return self
 
     @property
+    def fine_tuning(self) -> FinetunePolicy:
+        """The policy the epochs follow: lpft's is `after_probe`'s, once the probe's head is in."""
+        return replace(self, name=self.after_probe) if self.name == "lpft" else self
+
+    @property
     def changes_during_training(self) -> bool:
         """Whether the set of trainable parts changes between epochs (gradual, unfreezing later)."""
-        return self.name == "gradual" and self.unfreeze_at_epoch > 0
+        policy = self.fine_tuning
+        return policy.name == "gradual" and policy.unfreeze_at_epoch > 0
 
     def trainable(self, part_names: list[str], epoch: int) -> set[str]:
         """Names of the parts that learn during `epoch`."""
+        if self.name == "lpft":
+            return self.fine_tuning.trainable(part_names, epoch)
         if self.name == "full" or (self.name == "gradual" and epoch >= self.unfreeze_at_epoch):
             return set(part_names)
         if self.name == "partial":  # with 0 stages still top + head: partial never degrades to frozen

@@ -29,6 +29,7 @@ frozen-backbone FineTuneModule checkpoint: `FineTuneModule.from_checkpoint`,
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
@@ -48,9 +49,10 @@ from torch import Tensor
 
 from finetune.checkpointing import atomic_save
 from finetune.config_rules import POSITIVE, integer, optional
-from finetune.datamodules.base import Split
+from finetune.datamodules.base import ImageClassificationDataModule, Split
 from finetune.errors import ConfigError
 from finetune.features import pooled_features
+from finetune.models import EfficientNet
 
 #: Share of the free memory a full-batch fit may plan to fill: the estimate leaves out the allocator's
 #: rounding and fragmentation, and other processes may allocate while the fit runs.
@@ -100,6 +102,12 @@ class ProbeSettings:
         if values["l2_min"] > values["l2_max"]:
             raise ConfigError(f"probe.l2_min={values['l2_min']} exceeds probe.l2_max={values['l2_max']}; swap them")
         return cls(**{k: (float(v) if k in ("l2_min", "l2_max", "tolerance") else v) for k, v in values.items()})
+
+    @classmethod
+    def for_lpft(cls, cfg: DictConfig) -> ProbeSettings:
+        """finetune=lpft's probe: probe.yaml's settings (their one source), with `+probe.<key>=...` over them."""
+        defaults = OmegaConf.create((importlib.resources.files("finetune.conf") / "finetune" / "probe.yaml").read_text())
+        return cls.from_config(OmegaConf.merge(defaults.probe, cfg.get("probe") or {}))
 
     def grid(self) -> list[float]:
         """The strengths to try, strongest first: warm starts then move from simple to complex solutions."""
@@ -307,6 +315,39 @@ def _device_count(devices: Any, accelerator: str) -> int:
     return devices
 
 
+def fit_head(
+    model: EfficientNet, datamodule: ImageClassificationDataModule, splits: list[Split], settings: ProbeSettings,
+    device: torch.device, progress: bool = True,
+) -> tuple[dict[str, FeatureRows], tuple[Tensor, Tensor], PathPoint, list[PathPoint], str]:
+    """Extract `splits`' features with `model` on `device`, walk the path, load the best classifier into `model`.
+
+    Shared by `finetune=probe` and `finetune=lpft` (`ProbeHead`). Returns each split's features as
+    the solver read them, the classifier, its point on the path, the whole path and which fit ran.
+    The classifier acts on the raw pooled features (the solver's centring and bias scaling are
+    folded back by `fit_logistic`), and the network's dropout is the identity in eval mode, so in
+    the network's own linear layer it gives the network the probe's logits. `model` ends on the
+    CPU in eval mode: the fit needs the device's memory, not the network.
+    """
+    model.to(device).eval()
+    extracted = {split: pooled_features(model, datamodule, split, device, progress=progress) for split in splits}
+    model.to("cpu")
+    # Solved in float64 as scikit-learn does (MPS has no float64).
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    chunk_rows = plan_fit(sum(len(y) for _, y in extracted.values()), model.num_features, datamodule.num_classes,
+                          dtype.itemsize, available_memory(device), settings.chunk_rows)
+    # pop: once a split sits on the device, a full-batch fit frees its host copy.
+    features = {split: FeatureRows.place(*extracted.pop(split), device, dtype, chunk_rows) for split in splits}
+    fit = "full-batch" if chunk_rows is None else f"chunked, {features['train'].num_chunks} chunks of {chunk_rows} rows"
+    rank_zero_info(f"probe: L-BFGS on {len(features['train'])} x {model.num_features} "
+                   f"{str(dtype).removeprefix('torch.')} features on {device} ({fit})")
+    (weight, bias), best, path = regularisation_path(features["train"], features["val"], datamodule.num_classes,
+                                                     settings)
+    with torch.no_grad():
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(bias)
+    return features, (weight, bias), best, path, fit
+
+
 def fit_probe(cfg: DictConfig) -> dict[str, Any]:
     """Extract features, walk the regularisation path, save the best classifier; `fit`'s metrics for `finetune=probe`."""
     from finetune.train import build_datamodule, build_module, trainer_kwargs  # train.py dispatches here
@@ -322,28 +363,12 @@ def fit_probe(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     module = build_module(OmegaConf.merge(cfg, {"finetune": CHECKPOINT_POLICY}), datamodule)
     device = L.Fabric(accelerator=trainer_kwargs(cfg).get("accelerator", "auto"), devices=1).device
-    model = module.model.to(device).eval()
     datamodule.prepare_data()
     datamodule.setup(None)
 
     splits: list[Split] = ["train", "val"] + (["test"] if datamodule.has_test else [])
-    extracted = {split: pooled_features(model, datamodule, split, device) for split in splits}
-    module.to("cpu")  # the fit needs the device's memory, not the network
-    # Solved in float64 as scikit-learn does (MPS has no float64).
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    chunk_rows = plan_fit(sum(len(y) for _, y in extracted.values()), model.num_features, datamodule.num_classes,
-                          dtype.itemsize, available_memory(device), settings.chunk_rows)
-    # pop: once a split sits on the device, a full-batch fit frees its host copy.
-    features = {split: FeatureRows.place(*extracted.pop(split), device, dtype, chunk_rows) for split in splits}
-    fit = "full-batch" if chunk_rows is None else f"chunked, {features['train'].num_chunks} chunks of {chunk_rows} rows"
-    rank_zero_info(f"probe: L-BFGS on {len(features['train'])} x {model.num_features} "
-                   f"{str(dtype).removeprefix('torch.')} features on {device} ({fit})")
-    (weight, bias), best, path = regularisation_path(features["train"], features["val"], datamodule.num_classes,
-                                                     settings)
-
-    with torch.no_grad():
-        model.classifier.weight.copy_(weight)
-        model.classifier.bias.copy_(bias)
+    features, (weight, bias), best, path, fit = fit_head(module.model, datamodule, splits, settings, device,
+                                                         progress=cfg.trainer.enable_progress_bar)
     metrics: dict[str, Any] = {"best_val_acc": best.val_acc, "best_checkpoint": None, "probe/l2": best.l2,
                                "probe/fit": fit}
     if "test" in features:
@@ -358,6 +383,46 @@ def fit_probe(cfg: DictConfig) -> dict[str, Any]:
     _log(cfg, metrics, path)
     (out / "metrics.json").write_text(json.dumps({**metrics, "probe/path": [asdict(p) for p in path]}, indent=2))
     return metrics
+
+
+class ProbeHead(L.Callback):
+    """finetune=lpft: the linear probe's head in the network before the first step (Kumar et al., ICLR 2022).
+
+    A zero head sends the backbone the gradients of uniform predictions in the first steps; the
+    probe's head is the best linear classifier of the pretrained features, so fine-tuning starts
+    from it and distorts them less. It is fitted at `setup`, when the datamodule is set up and the
+    device known, before DDP wraps the model (whose wrap broadcasts rank 0's weights, so processes
+    that fitted their own copy start equal) and before the EMA's first average. Every process fits
+    the whole probe: there is no collective yet to share features through, and its wall time is one
+    process's. A resumed fit (`resuming`: Lightning sets `trainer.ckpt_path` only after `setup`)
+    takes the head from its checkpoint and the probe's result from this callback's state in it:
+    nothing is refitted.
+    """
+
+    def __init__(self, settings: ProbeSettings, resuming: bool) -> None:
+        self.settings = settings
+        self.resuming = resuming
+        self.result: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.resuming:
+            return
+        model = pl_module.model
+        was_training = model.training
+        _, _, best, _, fit = fit_head(model, trainer.datamodule, ["train", "val"], self.settings,
+                                      trainer.strategy.root_device, progress=trainer.progress_bar_callback is not None)
+        model.train(was_training)
+        self.result = {"probe/val_acc": best.val_acc, "probe/train_acc": best.train_acc, "probe/l2": best.l2,
+                       "probe/fit": fit}
+        rank_zero_info(f"probe: val acc {best.val_acc:.4f} at l2={best.l2:.3g}; fine-tuning from its head")
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in self.result.items() if k != "probe/fit"}, step=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.result)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.result = dict(state_dict)
 
 
 def _log(cfg: DictConfig, metrics: dict[str, Any], path: list[PathPoint]) -> None:

@@ -14,10 +14,9 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
-    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassPrecision,
@@ -28,6 +27,40 @@ from finetune.cam import plt
 
 #: Bins of the expected calibration error and of the reliability diagram (Guo et al. 2017 use 15).
 CALIBRATION_BINS = 15
+
+
+class BinnedCalibrationError(Metric):
+    """Expected calibration error (top label, L1) from per-bin sums: the value torchmetrics'
+    `MulticlassCalibrationError` computes, with states that do not grow with the images.
+
+    torchmetrics keeps every image's confidence in list states and bins them at `compute`: O(N)
+    memory, and its small per-batch tensors pinned freed probability batches in the heap (+190 MiB
+    RSS alone over 50,000 images × 1,000 classes; `benchmarks/RESULTS.md`, evaluate at scale).
+    The bins are torchmetrics': `bucketize(confidence, linspace(0, 1, bins + 1), right=True) - 1`.
+    """
+
+    full_state_update = False
+
+    def __init__(self, bins: int = CALIBRATION_BINS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bins = bins
+        for name in ("count", "confidence", "correct"):  # float64: sums over millions of images stay exact enough
+            self.add_state(name, torch.zeros(bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        confidence, predicted = probs.max(dim=1)
+        boundaries = torch.linspace(0, 1, self.bins + 1, dtype=confidence.dtype, device=confidence.device)
+        index = torch.bucketize(confidence, boundaries, right=True) - 1
+        self.count.index_add_(0, index, torch.ones_like(confidence, dtype=torch.float64))
+        self.confidence.index_add_(0, index, confidence.double())
+        self.correct.index_add_(0, index, predicted.eq(labels).double())
+
+    def compute(self) -> Tensor:
+        filled = self.count.clamp(min=1)
+        gap = (self.correct / filled - self.confidence / filled).abs()
+        return (gap * self.count / self.count.sum()).sum().float()
+
+
 #: How many of the largest off-diagonal confusion counts the report lists.
 MOST_CONFUSED = 10
 #: Up to this many classes the confusion matrix prints each cell's rate.
@@ -44,13 +77,16 @@ def report_metrics(num_classes: int) -> MetricCollection:
     The compute groups are given, not found: torchmetrics would merge metrics whose states are
     equal after the first update, and when every image of that batch is right, top-1 and top-5
     counts agree, so precision, recall and F1 would go on counting top-5 hits. The nine
-    precision/recall/F1 metrics do share one state (per-class top-1 stat scores), updated once.
+    precision/recall/F1 metrics and the balanced accuracy do share one state (per-class top-1
+    stat scores), updated once. Balanced accuracy is the mean of the per-class recalls (scikit-learn's
+    `balanced_accuracy_score`), which is torchmetrics' macro-averaged accuracy.
     """
     top_k = min(5, num_classes)
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "acc_top5": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
-        "ece": MulticlassCalibrationError(num_classes, n_bins=CALIBRATION_BINS, norm="l1"),
+        "balanced_acc": MulticlassAccuracy(num_classes, average="macro"),
+        "ece": BinnedCalibrationError(CALIBRATION_BINS),
         "confusion": MulticlassConfusionMatrix(num_classes),
     }
     for average in (None, "macro", "weighted"):
@@ -58,7 +94,7 @@ def report_metrics(num_classes: int) -> MetricCollection:
         metrics[f"precision{suffix}"] = MulticlassPrecision(num_classes, average=average)
         metrics[f"recall{suffix}"] = MulticlassRecall(num_classes, average=average)
         metrics[f"f1{suffix}"] = MulticlassF1Score(num_classes, average=average)
-    stat_scores = [name for name in metrics if name.startswith(("precision", "recall", "f1"))]
+    stat_scores = [name for name in metrics if name.startswith(("precision", "recall", "f1", "balanced"))]
     return MetricCollection(metrics, compute_groups=[stat_scores])
 
 
@@ -80,6 +116,7 @@ def summarize(values: dict[str, Tensor], class_names: list[str]) -> dict[str, An
         "classes": len(class_names),
         "accuracy": float(values["acc"]),
         "top5_accuracy": float(values["acc_top5"]),
+        "balanced_accuracy": float(values["balanced_acc"]),
         "top_k": min(5, len(class_names)),
         "expected_calibration_error": float(values["ece"]),
         "calibration_bins": CALIBRATION_BINS,
@@ -114,6 +151,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "|---|---:|",
         f"| accuracy | {report['accuracy']:.4f} |",
         f"| top-{report['top_k']} accuracy | {report['top5_accuracy']:.4f} |",
+        f"| balanced accuracy (mean recall per class) | {report['balanced_accuracy']:.4f} |",
         f"| expected calibration error ({report['calibration_bins']} bins) | {report['expected_calibration_error']:.4f} |",
         f"| macro precision / recall / F1 | {macro['precision']:.4f} / {macro['recall']:.4f} / {macro['f1']:.4f} |",
         f"| weighted precision / recall / F1 | {weighted['precision']:.4f} / {weighted['recall']:.4f} / {weighted['f1']:.4f} |",
@@ -138,11 +176,14 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def confusion_figure(confusion: np.ndarray | list, class_names: list[str]) -> plt.Figure:
-    """Confusion matrix normalised by row (each true class sums to 1), class names on both axes.
+    """Confusion matrix coloured by row rate (each true class sums to 1), class names on both axes.
 
-    The figure grows with the class count and the labels shrink, so 102 classes stay legible.
-    Above FIGURE_CLASSES it shows the FIGURE_MOST_CONFUSED classes of the largest confusions
-    (`most_confused_classes`), rates still shares of each true class's images, and says so in its title.
+    Up to ANNOTATED_CLASSES each non-empty cell prints its image count over its rate: a rate alone
+    hides whether 50% is 1 of 2 images or 500 of 1,000. Cells are sized for those two lines and
+    the text is sized to the cell (`cell_fontsize`). Beyond that the figure grows with the class
+    count and the labels shrink, so 102 classes stay legible; above FIGURE_CLASSES it shows the
+    FIGURE_MOST_CONFUSED classes of the largest confusions (`most_confused_classes`), rates still
+    shares of each true class's images, and says so in its title.
     """
     counts = np.asarray(confusion, dtype=float)
     support = counts.sum(1, keepdims=True)
@@ -155,8 +196,11 @@ def confusion_figure(confusion: np.ndarray | list, class_names: list[str]) -> pl
         title = (f"the {len(shown)} most-confused of {len(support)} classes\n"
                  "(rows: true class, share of all its images; confusion.npy holds every class)")
     n = len(class_names)
-    side = min(max(5.0, 0.2 * n + 2.5), 24.0)
-    fontsize = 9 if n <= ANNOTATED_CLASSES else min(8.0, 0.4 * 72 * side / n)  # ~half a row's height
+    annotated = n <= ANNOTATED_CLASSES
+    if annotated:
+        title = "confusion matrix: images in each cell,\nand their share of the true class (each row sums to 100%)"
+    side = min(max(5.0, (0.5 if annotated else 0.2) * n + 2.5), 24.0)
+    fontsize = 9 if annotated else min(8.0, 0.4 * 72 * side / n)  # ~half a row's height
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=90, fontsize=fontsize)
@@ -164,13 +208,24 @@ def confusion_figure(confusion: np.ndarray | list, class_names: list[str]) -> pl
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    if n <= ANNOTATED_CLASSES:
-        for t, p in zip(*np.nonzero(counts)):
-            ax.text(p, t, f"{rates[t, p]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if rates[t, p] > 0.5 else "black")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true class's images")
     fig.tight_layout()
+    if annotated:
+        size = cell_fontsize(fig, ax, n)
+        for t, p in zip(*np.nonzero(counts)):
+            share = f"{rates[t, p]:.0%}" if rates[t, p] >= 0.005 else "<1%"  # not 0% for a cell that has images
+            ax.text(p, t, f"{int(counts[t, p])}\n{share}", ha="center", va="center", fontsize=size,
+                    linespacing=1.1, color="white" if rates[t, p] > 0.5 else "black")
     return fig
+
+
+def cell_fontsize(fig: plt.Figure, ax: plt.Axes, n: int) -> float:
+    """A font size (pt) at which a count over a rate (two lines, up to 5 characters) fills about
+    two thirds of an n x n image's cell as laid out, within 6-18 pt."""
+    ax.apply_aspect()
+    box = ax.get_position()
+    cell = 72 * min(box.width * fig.get_figwidth(), box.height * fig.get_figheight()) / n
+    return float(np.clip(cell / 3.4, 6.0, 18.0))
 
 
 def most_confused_classes(confusion: np.ndarray, limit: int) -> np.ndarray:
@@ -191,7 +246,10 @@ def reliability_figure(confidence: Tensor, correct: Tensor, ece: float, bins: in
 
     Takes each image's top-1 probability and whether it was right, not the N×C probabilities.
     Bins as torchmetrics' calibration error draws them (`[k/bins, (k+1)/bins)`), so the gaps
-    drawn here are the ones ECE averages.
+    drawn here are the ones ECE averages. Each bin holds two bars side by side, accuracy and
+    the gap from it to the bin's mean confidence, so neither hides the other whichever is
+    higher. The axis starts at the lowest bin holding an image (top-1 confidence is at least
+    1/classes, and a trained model's rarely goes below 0.4), not at 0.
     """
     correct = correct.double().numpy()
     confidence = confidence.double().numpy()
@@ -201,34 +259,50 @@ def reliability_figure(confidence: Tensor, correct: Tensor, ece: float, bins: in
     mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / np.maximum(count, 1)
     left, width = np.arange(bins) / bins, 1 / bins
     filled = count > 0
+    start = left[filled].min() if filled.any() else 0.0
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": (3, 1)})
-    ax.bar(left[filled], accuracy[filled], width=width, align="edge", color="tab:blue", edgecolor="black",
-           label="accuracy")
-    ax.bar(left[filled], (mean_confidence - accuracy)[filled], bottom=accuracy[filled], width=width, align="edge",
-           color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to mean confidence")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"reliability (ECE {ece:.4f}, {bins} bins)")
-    ax.legend(loc="upper left", fontsize=8)
-    hist.bar(left, count, width=width, align="edge", color="gray", edgecolor="black")
-    hist.set(xlabel="confidence of the predicted class", ylabel="images")
+    ax.bar(left[filled], accuracy[filled], width=width * 0.55, align="edge", color="tab:blue", edgecolor="black",
+           lw=0.5, label="accuracy")
+    gap = (mean_confidence - accuracy)[filled]
+    ax.bar(left[filled] + width * 0.55, gap, bottom=accuracy[filled], width=width * 0.4, align="edge",
+           color="tab:red", edgecolor="darkred", lw=0.5, hatch="///",
+           label="gap to mean confidence (up: overconfident)")
+    ax.plot([start, 1], [start, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set(xlim=(start, 1), ylim=(0, 1), ylabel="accuracy")
+    fig.suptitle(f"reliability (ECE {ece:.4f}, {bins} bins)")
+    # Above the axes, not on them: high-confidence bars reach the top, low ones the left.
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), fontsize=8, ncol=2, frameon=False)
+    hist.bar(left[filled], count[filled], width=width, align="edge", color="gray", edgecolor="black")
+    hist.set(xlabel="confidence of the predicted class" + (f" (no image below {start:.2f})" if start > 0 else ""),
+             ylabel="images")
     fig.tight_layout()
     return fig
 
 
 def errors_figure(images: Tensor, titles: list[str]) -> plt.Figure:
-    """A grid of images ([0, 1], B×3×H×W) with one title each; a note when there are none."""
+    """A grid of images ([0, 1], B×3×H×W) with one title each; a note when there are none.
+
+    Each image has a frame, so an all-white image does not read as an empty slot; the layout
+    engine (constrained) makes room for multi-line titles above each image.
+    """
     n = len(images)
     cols = min(4, max(1, n))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, (2.4 + 0.16 * lines) * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles):
+        ax.axis("on")
         ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set(color="0.3", linewidth=1.0)
         ax.set_title(title, fontsize=8)
     if n == 0:
         axes[0][0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    fig.tight_layout()
     return fig
 
 
@@ -254,7 +328,7 @@ class TestReport(L.Callback):
         names = pl_module.class_names
         values = self._metrics.compute()
         report = summarize(values, names)
-        scalars = {"test/ece": report["expected_calibration_error"]}
+        scalars = {"test/ece": report["expected_calibration_error"], "test/balanced_acc": report["balanced_accuracy"]}
         for average in ("macro", "weighted"):
             scalars |= {f"test/{k}_{average}": v for k, v in report[f"{average}_avg"].items()}
         pl_module.log_dict(scalars)  # test/acc and test/acc_top5 are the module's own

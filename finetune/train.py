@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,6 +32,7 @@ from finetune.averaging import FitEMA
 from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable, load_resume_checkpoint
 from finetune.config_checks import EXTRA_TRAINER_KEYS, data_target, import_class, validate_config
 from finetune.config_store import register_defaults
+from finetune.console import log, route_to_run_log, run_summary, say
 from finetune.errors import ConfigError, take_debug_flag, user_errors
 from finetune.features import CachedFeatureDataModule
 from finetune.guards import FiniteLossGuard
@@ -38,6 +40,7 @@ from finetune.interrupts import GracefulStop, last_checkpoint_path, resume_comma
 from finetune.models.scaling import VARIANTS, compound
 from finetune.module import FineTuneModule
 from finetune.policies import DDPPolicySetup, FinetunePolicy
+from finetune.probe import ProbeHead, ProbeSettings
 from finetune.reports import TestReport
 from finetune.seeding import RankSeed
 
@@ -207,7 +210,9 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     if cfg.finetune.name == "probe":  # a convex fit on features extracted once, no epochs: see finetune/probe.py
         from finetune.probe import fit_probe
         return fit_probe(cfg)
+    # lpft: the probe's head goes into the network before the first step (its settings checked here, before any data)
     ckpt_path = cfg.get("ckpt_path")
+    probe_head = [ProbeHead(ProbeSettings.for_lpft(cfg), resuming=bool(ckpt_path))] if cfg.finetune.name == "lpft" else []
     resume = load_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
@@ -217,7 +222,7 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     if cfg.trainer.get("compile"):
         module.model.compile()  # torch.compile in place: state-dict keys unchanged
     stop = GracefulStop()
-    trainer = build_trainer(cfg, [stop, RankSeed(cfg.seed), *(extra_callbacks or [])])
+    trainer = build_trainer(cfg, [stop, RankSeed(cfg.seed), *probe_head, *(extra_callbacks or [])])
     fit_data = CachedFeatureDataModule(datamodule) if module.policy.cache_features else datamodule
     try:
         trainer.fit(module, datamodule=fit_data, ckpt_path=ckpt_path, weights_only=True)
@@ -230,6 +235,7 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
         "best_val_acc": _number(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score is not None else None,
         "best_checkpoint": best or None,
         "epochs": trainer.current_epoch,
+        **(probe_head[0].result if probe_head else {}),  # the probe lpft started from (from the checkpoint on resume)
     }
     if cfg.get("test_after_fit") and datamodule.has_test:
         try:
@@ -237,6 +243,8 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
         except SIGTERMException:  # training is complete: resuming from last.ckpt only tests
             _exit_stopped(trainer, signal.SIGTERM, last_checkpoint_path(trainer), cfg)
         metrics.update({k: _number(v) for k, v in (results[0] if results else {}).items()})
+    else:
+        metrics["test_skipped"] = datamodule.missing_test if cfg.get("test_after_fit") else "test_after_fit=false"
     if trainer.is_global_zero:
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -248,9 +256,15 @@ def _exit_stopped(trainer: L.Trainer, signum: int | None, checkpoint: Path | Non
     signum = int(signum or signal.SIGTERM)
     if trainer.is_global_zero:
         where = f"saved {checkpoint}; resume with: {resume_command(sys.argv, checkpoint, cfg.paths.output_dir)}"
-        print(f"stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, "
-              f"step {trainer.global_step}; {where}", file=sys.stderr, flush=True)
+        log.warning(f"stopped by {signal.Signals(signum).name} at epoch {trainer.current_epoch}, "
+                    f"step {trainer.global_step}; {where}")
     sys.exit(128 + signum)
+
+
+def _tensorboard_dir(cfg: DictConfig) -> str | None:
+    """Where TensorBoard should look, when this run logs to it."""
+    tensorboard = (cfg.get("logger") or {}).get("tensorboard")
+    return str(tensorboard.save_dir) if tensorboard else None
 
 
 def _number(value: Any) -> float:
@@ -283,8 +297,11 @@ def _search_or_hydra() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://finetune.conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra's entry: fit, and hand the best validation accuracy to sweepers that optimise it."""
+    route_to_run_log()
     with user_errors():
         metrics = fit(cfg)
+        if rank_zero_only.rank == 0:
+            say(run_summary(metrics, cfg.paths.output_dir, _tensorboard_dir(cfg)))
         value = metrics.get("best_val_acc")
         return value if value is not None and math.isfinite(value) else None
 

@@ -234,6 +234,7 @@ def run(tmp_path: Path, name: str, *overrides: str, stop: bool = False) -> tuple
     return fit(compose_config([*FIT, *overrides], tmp_path / name), extra_callbacks=callbacks), record
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_fit_with_every_key_trains_on_mixed_targets_and_validates_on_the_same_images(tmp_path: Path) -> None:
     every = ["data.auto_augment=randaugment", "data.random_erasing=0.5", "data.mixup_alpha=0.2",
              "data.cutmix_alpha=1.0", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
@@ -245,6 +246,7 @@ def test_fit_with_every_key_trains_on_mixed_targets_and_validates_on_the_same_im
     assert all(torch.equal(a, b) for a, b in zip(plain.val_images, augmented.val_images))
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_ema_weights_are_validated_saved_and_tested_raw_weights_kept_for_resuming(tmp_path: Path) -> None:
     metrics, record = run(tmp_path, "ema", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
                           "trainer.ema_decay=0.9")
@@ -261,6 +263,7 @@ def test_ema_weights_are_validated_saved_and_tested_raw_weights_kept_for_resumin
     assert torch.equal(evaluated.model.classifier.weight, saved)
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_resume_with_ema_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     ema = ("trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.ema_decay=0.9", "test_after_fit=false")
     run(tmp_path, "whole", *ema)
@@ -275,6 +278,7 @@ def test_resume_with_ema_equals_the_uninterrupted_run(tmp_path: Path) -> None:
         assert [k for k in whole[part] if not torch.equal(whole[part][k], resumed[part][k])] == []
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 @pytest.mark.parametrize(("accumulate", "steps"), [(1, 10), (2, 6)])
 def test_accumulation_steps_the_optimizer_once_per_n_batches_and_the_schedule_matches(
     tmp_path: Path, accumulate: int, steps: int

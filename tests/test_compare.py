@@ -157,7 +157,7 @@ MODELS_ERROR = "compare.models must be null or a list of distinct models from b0
 @pytest.mark.parametrize("override, expected", [
     *((f"compare.models={models}", MODELS_ERROR) for models in ("[lite0,lite0]", "[lite0,phi]", "[lite0,b9]", "lite0")),
     ("compare.policies=[probe,full]", "compare.policies must be a list of distinct policies from full, frozen, partial, "
-                                      "gradual, got ['probe', 'full']"),  # a probe has no epochs to measure
+                                      "gradual, lpft, got ['probe', 'full']"),  # a probe has no epochs to measure
 ])
 def test_compare_refuses_bad_models_and_policies_before_any_run(tmp_path, override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):

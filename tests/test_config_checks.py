@@ -120,7 +120,7 @@ def error_of(*overrides: str, name: str = "train") -> str:
         # each datamodule's own rule: a folder needs a validation part, CIFAR may validate on its test set
         (["data=imagefolder", "data.root=x", "data.val_fraction=0"], "data.val_fraction must be a number in (0, 1), got 0"),
         (["data=cifar100", "+data.decode=device"], "data.decode is not a setting of CIFAR100DataModule"),
-        (["+data.bacth_size=8"], "data.bacth_size is not a setting of CIFAR100DataModule; valid: augment, auto_augment, batch_size,"),
+        (["+data.bacth_size=8"], "data.bacth_size is not a setting of CIFAR100DataModule; valid: augment, auto_augment, balance, batch_size,"),
         (["data=imagefolder"], "data.root must be set (it is ??? in the config), e.g. data.root=<value>"),
         (["data._target_=finetune.datamodules.NoSuchData"], "data._target_='finetune.datamodules.NoSuchData' is not an importable class"),
         # finetune
@@ -132,7 +132,7 @@ def error_of(*overrides: str, name: str = "train") -> str:
         (["finetune=frozen", "finetune.cache_features=true"], "finetune.cache_features=true needs data.augment=false"),
         (["finetune=full", "finetune.cache_features=true", "data.augment=false"],
          "finetune.cache_features=true needs finetune=frozen with bn=eval (got full, bn=eval)"),
-        (["+finetune.lr=0.1"], "finetune.lr is unknown; valid finetune settings: bn, cache_features, name,"),
+        (["+finetune.lr=0.1"], "finetune.lr is unknown; valid finetune settings: after_probe, bn, cache_features, name,"),
         # optim
         (["optim.name=lamb"], "optim.name: unknown optimizer 'lamb'; valid: adamw, sgd, rmsprop"),
         (["optim.lr=0"], "optim.lr must be a positive number, got 0"),
@@ -178,7 +178,7 @@ def error_of(*overrides: str, name: str = "train") -> str:
         (["logger.tensorboard._target_=lightning.pytorch.loggers.NoSuchLogger"],
          "logger.tensorboard._target_='lightning.pytorch.loggers.NoSuchLogger' is not an importable class"),
         (["callbacks.model_checkpoint.monitor=val/accuracy"], "callbacks.model_checkpoint.monitor must be null or one of "
-                                                              "val/acc, val/acc_top5, val/loss"),
+                                                              "val/acc, val/acc_top5, val/balanced_acc, val/loss"),
         (["callbacks.model_checkpoint.mode=min"], "callbacks.model_checkpoint.mode=min would keep the worst val/acc; "
                                                   "use callbacks.model_checkpoint.mode=max"),
         (["callbacks.model_checkpoint.save_top_k=-2"], "callbacks.model_checkpoint.save_top_k must be an integer >= -1"),
@@ -198,7 +198,7 @@ def test_bad_value_is_one_line_naming_its_key(overrides: list[str], message: str
     ("overrides", "message"),
     [
         (["compare.policies=[frozen,frozen]"], "compare.policies must be a list of distinct policies from full, frozen, "
-                                               "partial, gradual, got ['frozen', 'frozen']"),
+                                               "partial, gradual, lpft, got ['frozen', 'frozen']"),
         (["compare.policies=[]"], "compare.policies must be a list of distinct policies"),
         (["compare.policies=[frozen,halfway]"], "compare.policies must be a list of distinct policies"),
         (["compare.cache_frozen_features=1"], "compare.cache_frozen_features must be true or false, got 1"),
@@ -293,6 +293,7 @@ def test_build_datamodule_reraises_a_constructor_config_error_as_is() -> None:
 # --------------------------------------------------------------------------- the real command
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_cli_refuses_bad_values_in_one_line_before_any_download_or_data(tmp_path: Path) -> None:
     """model=b0 has pretrained=true (a download) and data=cifar100 is absent: the value must be reported first.
 

@@ -86,7 +86,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ("model=b9", "unknown model 'b9'; valid: b0, b1, b2, b3, b4, b5, b6, b7, lite0, lite1, lite2, lite3, lite4, phi"),
         ("data=imagenet", "unknown data 'imagenet'; valid: cifar10, cifar100, digits, flowers102, imagefolder"),
-        ("finetune=halfway", "unknown finetune 'halfway'; valid: frozen, full, gradual, partial"),
+        ("finetune=halfway", "unknown finetune 'halfway'; valid: frozen, full, gradual, lpft, partial, probe"),
         ("optim=lamb", "unknown optim 'lamb'; valid: adamw, rmsprop, sgd"),
         ("model=b0,b9", "unknown model 'b9'"),  # a multirun sweep, checked name by name
     ],
@@ -300,6 +300,7 @@ def test_debug_environment_keeps_the_exception(tmp_path: Path, monkeypatch: pyte
         fit(config(tmp_path, "model.resolution=16"))
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_cli_prints_one_line_and_exits_2_and_debug_keeps_the_traceback(tmp_path: Path) -> None:
     base = ["model=b0", "model.pretrained=null", "data=digits", f"hydra.run.dir={tmp_path}/run"]
     cases = {

@@ -1,4 +1,5 @@
-"""finetune-export: ONNX (checked with onnxruntime), TorchScript and safetensors from a checkpoint, and model.json."""
+"""finetune-export: ONNX (checked with onnxruntime), TorchScript and safetensors from a checkpoint, and the card beside
+each (<file>.json). The timm / hub folder (--format hub) is tested in test_hub.py."""
 
 import copy
 import json
@@ -61,8 +62,8 @@ def checkpoints(photos, tmp_path_factory):
     }
 
 
-def _prepared_by_model_json(photo: Image.Image, card: dict) -> np.ndarray:
-    """The network input for `photo` following model.json alone, with PIL and numpy."""
+def _prepared_by_card(photo: Image.Image, card: dict) -> np.ndarray:
+    """The network input for `photo` following its card (model.onnx.json) alone, with PIL and numpy."""
     w, h = photo.size
     short, long = card["resize"], int(card["resize"] * max(w, h) / min(w, h))
     resized = photo.resize((long, short) if w > h else (short, long),
@@ -79,9 +80,12 @@ def test_onnx_export_matches_pytorch_at_any_batch_size(checkpoints, padding, tmp
     output = tmp_path / "deploy" / "model.onnx"
     main([checkpoints[padding], "--format", "onnx", "--output", str(output)])
     printed = capsys.readouterr().out
-    assert "onnxruntime" in printed and "max relative error" in printed and printed.rstrip().endswith(": ok")
+    check, following = printed.rstrip().splitlines()[-2:]
+    assert "onnxruntime" in check and "max relative error" in check and check.endswith(": ok")
+    # It ends with how to use what it wrote: the runtime, the file and the card that says how to prepare images.
+    assert following == f'next: onnxruntime.InferenceSession("{output}"), images prepared as {output}.json says'
 
-    card = json.loads((output.parent / "model.json").read_text())
+    card = json.loads((output.parent / "model.onnx.json").read_text())
     pre = module.preprocessing
     assert card["padding"] == padding and card["classes"] == list(PHOTOS) and card["file"] == "model.onnx"
     assert (card["resolution"], card["resize"], card["interpolation"], card["crop_fraction"]) == (
@@ -107,11 +111,11 @@ def test_onnx_export_matches_pytorch_at_any_batch_size(checkpoints, padding, tmp
         with torch.no_grad():
             assert relative_error(torch.from_numpy(ours), twin(x)) > 1e-3
 
-    # model.json alone (PIL, numpy) prepares a photo as finetune's eval transform does for PyTorch.
+    # The card alone (PIL, numpy) prepares a photo as finetune's eval transform does for PyTorch.
     import skimage.data
 
     photo = Image.fromarray(skimage.data.rocket())  # 640x427: not square, not a training image
-    (logits,) = session.run(None, {card["input"]["name"]: _prepared_by_model_json(photo, card)})
+    (logits,) = session.run(None, {card["input"]["name"]: _prepared_by_card(photo, card)})
     with torch.no_grad():
         reference = module.model(pre.normalize(pre.eval_transform()(photo)[None]))
     # PIL and torchvision resize uint8 images alike to within one grey level.
@@ -127,14 +131,19 @@ def test_torchscript_and_safetensors_reproduce_the_checkpoint(checkpoints, tmp_p
     with torch.no_grad():
         reference = module.model(x)
 
-    main([checkpoint, "--format", "torchscript", "--output", str(tmp_path / "ts" / "model.pt")])
+    main([checkpoint, "--format", "torchscript", "--output", str(tmp_path / "deploy" / "model.pt")])
     assert "max relative error" in capsys.readouterr().out
     with torch.no_grad():
-        assert relative_error(torch.jit.load(str(tmp_path / "ts" / "model.pt"))(x), reference) <= 1e-5
+        assert relative_error(torch.jit.load(str(tmp_path / "deploy" / "model.pt"))(x), reference) <= 1e-5
 
-    path = tmp_path / "st" / "model.safetensors"
+    # Issue 21: a second export into the same folder keeps the first one's card (each is named after its file).
+    path = tmp_path / "deploy" / "model.safetensors"
     main([checkpoint, "--format", "safetensors", "--output", str(path)])
-    card = json.loads((path.parent / "model.json").read_text())
+    assert "model.safetensors.json" in capsys.readouterr().out
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "model.pt", "model.pt.json", "model.safetensors", "model.safetensors.json"]
+    assert json.loads((path.parent / "model.pt.json").read_text())["format"] == "torchscript"
+    card = json.loads((path.parent / "model.safetensors.json").read_text())
     assert (card["variant"], card["padding"], card["format"]) == ("lite0", "same", "safetensors")
     with safe_open(str(path), "pt") as f:
         assert json.loads(f.metadata()["finetune"]) == card
@@ -155,10 +164,9 @@ def test_export_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys):
         ([str(tmp_path / "plain.pth"), "--format", "onnx", "--output", str(tmp_path / "m.onnx")],
          "is not a checkpoint written by finetune"),
         ([checkpoint, "--format", "tflite", "--output", str(tmp_path / "m.tflite")],
-         "unknown format 'tflite'; valid: onnx, torchscript, safetensors"),
+         "unknown format 'tflite'; valid: onnx, torchscript, safetensors, hub"),
         ([checkpoint, "--format", "onnx", "--output", str(tmp_path / "file" / "m.onnx")], "cannot write to"),
         ([checkpoint, "--format", "onnx", "--output", str(tmp_path / "folder")], "is a folder"),
-        ([checkpoint, "--format", "safetensors", "--output", str(tmp_path / "model.json")], "written beside the export"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(args)
@@ -169,10 +177,10 @@ def test_export_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys):
 
 
 def test_an_in_memory_datasets_onnx_export_scores_what_validation_logged(tmp_path: Path) -> None:
-    """Issue 20: the export, fed by model.json's recipe, reproduces the val/acc training logged on digits.
+    """Issue 20: the export, fed by its card's recipe, reproduces the val/acc training logged on digits.
 
     Validation upsamples each whole 8x8 digit; a checkpoint that recorded the weights' centre crop
-    (0.875) made model.json cut the digits' borders, so deployment scored other inputs.
+    (0.875) made the card cut the digits' borders, so deployment scored other inputs.
     """
     cfg = compose_config(["model=lite0", "finetune=frozen", "model.resolution=64", "data=digits", "trainer=cpu",
                           "trainer.max_epochs=1", "logger=csv", "trainer.enable_progress_bar=false",
@@ -180,11 +188,11 @@ def test_an_in_memory_datasets_onnx_export_scores_what_validation_logged(tmp_pat
     metrics = fit(cfg)
     output = tmp_path / "deploy" / "model.onnx"
     main([metrics["best_checkpoint"], "--format", "onnx", "--output", str(output)])
-    card = json.loads((output.parent / "model.json").read_text())
+    card = json.loads((output.parent / "model.onnx.json").read_text())
 
     val = DigitsDataModule(seed=cfg.seed).dataset("val")  # the run's validation digits, raw uint8 3x8x8
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
-    inputs = np.concatenate([_prepared_by_model_json(Image.fromarray(image.permute(1, 2, 0).numpy()), card)
+    inputs = np.concatenate([_prepared_by_card(Image.fromarray(image.permute(1, 2, 0).numpy()), card)
                              for image in val.images])
     (logits,) = session.run(None, {card["input"]["name"]: inputs})
     correct = int((logits.argmax(1) == val.labels.numpy()).sum())
@@ -212,7 +220,7 @@ def test_importing_the_export_loads_neither_the_evaluation_module_nor_matplotlib
 
 def test_an_export_that_fails_its_check_leaves_the_folder_as_it_was(checkpoints: dict[str, str], tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 20: the mismatching file and model.json were written before the check failed.
+    """Issue 20: the mismatching file and its card were written before the check failed.
 
     The file written is the checkpoint's network with every logit scaled by 1.001 (relative error 1e-3).
     Neither a fresh folder nor one holding a good export gains or loses anything.
@@ -240,7 +248,7 @@ def test_an_export_that_fails_its_check_leaves_the_folder_as_it_was(checkpoints:
 
     main([checkpoint, "--format", "torchscript", "--output", str(output)])
     good = contents()
-    assert set(good) == {"model.pt", "model.json"}
+    assert set(good) == {"model.pt", "model.pt.json"}
     monkeypatch.setattr(export, "export_torchscript", drifted)
     with pytest.raises(export.ExportMismatchError, match="differs from PyTorch"):
         main([checkpoint, "--format", "torchscript", "--output", str(output)])

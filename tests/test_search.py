@@ -134,6 +134,7 @@ def cli_env(tmp_path) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_a_resumed_search_proposes_new_points(tmp_path):
     args = tiny_search(tmp_path)
     search([*args, "hparams_search.n_trials=2"])
@@ -147,6 +148,7 @@ def test_a_resumed_search_proposes_new_points(tmp_path):
     assert first[0] == {name: suggest(reference, name, d) for name, d in trials[0].distributions.items()}
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_parallel_searches_share_the_budget_and_propose_their_own_points(tmp_path):
     args = [*tiny_search(tmp_path), "hparams_search.n_trials=2"]
     (tmp_path / "sweep").mkdir()
@@ -175,6 +177,7 @@ def test_trials_running_in_another_process_hold_their_place_in_the_budget(tmp_pa
         elsewhere.number]
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_a_trial_out_of_memory_is_failed_and_the_search_goes_on(tmp_path):
     searched = "+hparams_search.params.model.resolution={type: categorical, choices: [32, %d]}" % TOO_LARGE
     args = [*ONE_EPOCH, "data=digits", searched, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
@@ -205,6 +208,7 @@ class StopOnce(L.Callback):
 """
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_a_stopped_search_fails_its_trial_and_resumes_with_the_command_it_printed(tmp_path):
     (tmp_path / "stop_once.py").write_text(STOP_ONCE)
     args = [*tiny_search(tmp_path), "+callbacks.stop._target_=stop_once.StopOnce", "hparams_search.n_trials=2"]
@@ -225,6 +229,7 @@ def test_a_stopped_search_fails_its_trial_and_resumes_with_the_command_it_printe
     assert trials[0].state == TrialState.FAIL and [t.state in FINISHED for t in trials[1:]] == [True, True]
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_a_killed_search_resumes_in_place_of_its_dead_trial(tmp_path):
     args = [*tiny_search(tmp_path), "hparams_search.heartbeat_interval=1", "hparams_search.n_trials=1"]
     killed = subprocess.Popen([str(FINETUNE), *args], cwd=tmp_path, env=cli_env(tmp_path),

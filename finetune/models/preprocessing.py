@@ -89,7 +89,7 @@ class Preprocessing:
 def resize_like_pil(images: Tensor, size: int, interpolation: str) -> Tensor:
     """uint8 B×C×H×W -> uint8 B×C×size×size as PIL's `Image.resize` makes each image, on any device.
 
-    PIL (so `eval_transform` and model.json's recipe too) resizes the width, rounds to uint8, then
+    PIL (so `eval_transform` and the export card's recipe too) resizes the width, rounds to uint8, then
     the height. One float resize of both axes keeps the first pass's bicubic overshoot that PIL
     clips: up to 24 grey levels on 8 px digits upsampled to 64, enough to flip predictions.
     Antialiased (PIL's kernels, also when upsampling) and rounded half up like PIL's fixed point,

