@@ -35,6 +35,7 @@ def sweep(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 @pytest.mark.parametrize("job, policy", [(0, "full"), (1, "frozen"), (2, "partial"), (3, "gradual")])
 def test_each_policy_writes_tensorboard_and_checkpoints(sweep, job, policy):
     run = sweep / str(job)
@@ -49,6 +50,7 @@ def test_each_policy_writes_tensorboard_and_checkpoints(sweep, job, policy):
     assert 0 <= metrics["test/acc"] <= 1 and metrics["best_val_acc"] == pytest.approx(tags["val/acc"][-1][1])
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_resume_from_last_checkpoint_continues_training(sweep, tmp_path):
     last = sweep / "1" / "checkpoints" / "last.ckpt"
     out = run_cli([*FAST, "finetune=frozen", "trainer.max_epochs=2", f"ckpt_path={last}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)

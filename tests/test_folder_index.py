@@ -410,6 +410,7 @@ fit(cfg, extra_callbacks=[Features()])
 '''
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_cached_features_are_extracted_once_across_ddp_processes(tmp_path: Path) -> None:
     """Two gloo processes: each decodes half the training images; both end up with all features, as one would."""
     root = tmp_path / "photos"

@@ -149,6 +149,7 @@ def test_bad_lpft_settings_fail_in_one_line_before_any_data(tmp_path, digits, ov
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_compare_runs_lpft_beside_the_other_policies(tmp_path, digits):
     overrides = [o for o in digits if not o.startswith(("finetune=", "trainer.max_epochs"))]
     results = compare([*overrides, "trainer.max_epochs=1", "compare.policies=[frozen,lpft]", "compare.cam_images=0"],

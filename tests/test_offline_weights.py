@@ -88,7 +88,7 @@ def test_hub_weights_download_through_the_proxy(tmp_path: Path) -> None:
     assert list((tmp_path / "hf" / "hub" / f"models--timm--{TAG}" / "snapshots").glob("*/model.safetensors"))
 
 
-@pytest.mark.parametrize("offline", [False, True])
+@pytest.mark.parametrize("offline", [pytest.param(False, marks=pytest.mark.slow), True])  # False: ~60 s of retries
 def test_uncached_hub_weights_without_network_fail_in_one_line(tmp_path: Path, offline: bool) -> None:
     """The error names the cache and HF_HUB_OFFLINE=1; online, it follows the hub's own retry warnings (~45 s)."""
     out = _create(tmp_path, _env(tmp_path, CLOSED, offline), "timm")

@@ -45,6 +45,7 @@ def trained(run_dir) -> tuple[int, int]:
     return len(validations), int(validations[-1]["step"]) + 1
 
 
+@pytest.mark.slow  # 50-230 s on the 2-core machine: in make test-all, out of make test
 def test_weak_trial_is_pruned_early_and_the_study_resumes(tmp_path):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
