@@ -39,7 +39,7 @@ from finetune.audit_report import (
     Findings, class_rows, duplicate_rows, gallery, label_issue_rows, markdown, outlier_rows, report, write_csv,
 )
 from finetune.audit_search import duplicate_pairs, exact_pairs, nearest_neighbours, outlier_fence, outlier_scores
-from finetune.config_rules import Rule, integer, number, one_of
+from finetune.config_rules import Rule, checked_section, integer, number, one_of
 from finetune.errors import ConfigError, take_debug_flag, user_errors
 from finetune.features import pooled_features
 from finetune.outputs import writable_folder
@@ -68,17 +68,10 @@ class AuditSettings:
 
     @classmethod
     def from_config(cls, node: DictConfig | None) -> AuditSettings:
-        if node is None:
-            raise ConfigError("finetune-audit needs the audit settings of conf/audit.yaml; compose the 'audit' config")
-        values = OmegaConf.to_container(node, resolve=True)
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(f"audit.{unknown[0]} is unknown; valid audit settings: {', '.join(valid)}")
-        rules: dict[str, Rule] = cls.RULES
-        for key in valid:
-            rules[key].check(f"audit.{key}", values.get(key))
-        return cls(**values)
+        values = None if node is None else OmegaConf.to_container(node, resolve=True)
+        rules: dict[str, Rule] = {f.name: cls.RULES[f.name] for f in fields(cls)}
+        return cls(**checked_section(values, "audit", rules, "finetune-audit needs the audit settings of "
+                                     "conf/audit.yaml; compose the 'audit' config"))
 
 
 def compose(overrides: list[str]) -> DictConfig:

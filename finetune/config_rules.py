@@ -112,5 +112,17 @@ STRING = Rule(lambda v: isinstance(v, str), "a string")
 WORD = Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")
 PATH = Rule(lambda v: isinstance(v, os.PathLike) or WORD.accepts(v), "a path")
 POSITIVE = Rule(lambda v: is_number(v) and v > 0, "a positive number")
+
+
+def checked_section(values: dict[str, Any] | None, section: str, rules: dict[str, Rule], missing: str) -> dict[str, Any]:
+    """A settings section (`probe`, `audit`) checked key by key: its values, or a one-line error naming the key."""
+    if values is None:
+        raise ConfigError(missing)
+    unknown = sorted(set(values) - set(rules))
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]} is unknown; valid {section} settings: {', '.join(rules)}")
+    for key, rule in rules.items():
+        rule.check(f"{section}.{key}", values.get(key))
+    return values
 FRACTION = Rule(lambda v: isinstance(v, float) and 0 <= v <= 1, "a fraction in [0.0, 1.0]")
 SEED = integer(0, 2**32 - 1)  # what numpy (and so Lightning's seed_everything) accepts

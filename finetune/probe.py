@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from finetune.checkpointing import atomic_save
-from finetune.config_rules import POSITIVE, integer, optional
+from finetune.config_rules import POSITIVE, checked_section, integer, optional
 from finetune.datamodules.base import ImageClassificationDataModule, Split
 from finetune.errors import ConfigError
 from finetune.features import pooled_features
@@ -87,18 +87,12 @@ class ProbeSettings:
 
     @classmethod
     def from_config(cls, node: DictConfig | None) -> ProbeSettings:
-        if node is None:
-            raise ConfigError("finetune.name=probe needs the probe settings of conf/finetune/probe.yaml; select it with finetune=probe")
-        values = OmegaConf.to_container(node, resolve=True)
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(f"probe.{unknown[0]} is unknown; valid probe settings: {', '.join(valid)}")
-        for key in ("l2_min", "l2_max", "tolerance"):
-            POSITIVE.check(f"probe.{key}", values.get(key))
-        for key in ("l2_steps", "max_iter"):
-            integer(1).check(f"probe.{key}", values.get(key))
-        optional(integer(1)).check("probe.chunk_rows", values.get("chunk_rows"))
+        # in the dataclass's order: the unknown-key error lists them so
+        rules = {"l2_min": POSITIVE, "l2_max": POSITIVE, "l2_steps": integer(1), "max_iter": integer(1),
+                 "tolerance": POSITIVE, "chunk_rows": optional(integer(1))}
+        values = checked_section(None if node is None else OmegaConf.to_container(node, resolve=True), "probe", rules,
+                                 "finetune.name=probe needs the probe settings of conf/finetune/probe.yaml; "
+                                 "select it with finetune=probe")
         if values["l2_min"] > values["l2_max"]:
             raise ConfigError(f"probe.l2_min={values['l2_min']} exceeds probe.l2_max={values['l2_max']}; swap them")
         return cls(**{k: (float(v) if k in ("l2_min", "l2_max", "tolerance") else v) for k, v in values.items()})
