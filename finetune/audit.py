@@ -100,7 +100,7 @@ def audit_config(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     from finetune.train import build_datamodule, build_module, check_config, trainer_kwargs
 
     settings = AuditSettings.from_config(cfg.get("audit"))
-    probe = ProbeSettings.for_lpft(cfg)  # probe.yaml's settings, the audit config's probe.<key> over them
+    probe = ProbeSettings.for_run(cfg)  # probe.yaml's settings, the audit config's probe.<key> over them
     if cfg.get("ckpt_path"):
         raise ConfigError("finetune-audit resumes nothing; remove ckpt_path (to audit with a fine-tuned network's "
                           "features, pass it as model.pretrained=<checkpoint>)")

@@ -50,6 +50,8 @@ from finetune.train import build_datamodule, fit, run_command
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+#: The value of each augmenting data setting that turns it off: the probe's run in a comparison takes these.
+UNAUGMENTED = {"augment": False, "auto_augment": None, "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
 #: Marker shapes of the frontier plot, one per model.
 MARKERS = "osD^vP*Xhp<>"
 
@@ -219,6 +221,8 @@ def run_config(base: DictConfig, model: str, policy: str, several_models: bool) 
     if model != base.model.name:
         run.model = switch_option(base, "model", model)
     run.finetune = switch_option(base, "finetune", policy)
+    if policy == "probe":  # a probe fits on the features of unaugmented images: its run reads them so
+        run.data.merge_with({key: UNAUGMENTED[key] for key in augmenting_keys(base.data)})
     unaugmented = not augmenting_keys(base.data)
     run.finetune.cache_features = policy == "frozen" and bool(base.compare.cache_frozen_features) and unaugmented
     run.run_name = f"{model}/{policy}" if several_models else policy
@@ -258,6 +262,8 @@ def fit_run(cfg: DictConfig) -> RunResult:
     stats, recall, start = RunStats(), ClassRecall(), time.perf_counter()
     metrics = fit(cfg, extra_callbacks=[stats, recall])
     total = time.perf_counter() - start
+    if cfg.finetune.name == "probe":
+        return probe_result(cfg, metrics, total)
     series = read_scalars(Path(cfg.paths.tensorboard_dir) / cfg.run_name)
     val_acc = [v for _, v in series.get("val/acc", [])]
     test = series.get("test/acc")
@@ -274,6 +280,27 @@ def fit_run(cfg: DictConfig) -> RunResult:
         val_acc=val_acc, train_loss=[v for _, v in series.get("train/epoch_loss", [])],
         best_checkpoint=metrics.get("best_checkpoint"),
         per_class_acc=recall.best(),
+    )
+
+
+def probe_result(cfg: DictConfig, metrics: dict[str, Any], total: float) -> RunResult:
+    """A probe's row: one fit on features extracted once, so its one "epoch" is the whole fit and it trains the head only.
+
+    Its best val acc is the best point of its regularisation path (what val/acc logged), its per-class
+    accuracies that point's, and its peak memory is not sampled (no training loop to sample it in).
+    """
+    from finetune.module import FineTuneModule
+
+    module = FineTuneModule.from_checkpoint(metrics["best_checkpoint"])
+    network = module.model
+    params, macs = params_and_macs(network.config)
+    return RunResult(
+        model=str(cfg.model.name), policy="probe", run=str(cfg.run_name), resolution=network.config.resolution,
+        params=params, macs=macs, trainable_params=sum(p.numel() for p in network.classifier.parameters()),
+        best_val_acc=metrics["best_val_acc"], test_acc=metrics.get("test/acc"), epoch_seconds=total,
+        train_images_per_second=0.0, peak_memory_mb=0.0, total_seconds=round(total, 2), cached_features=False,
+        val_acc=[metrics["best_val_acc"]], best_checkpoint=metrics["best_checkpoint"],
+        per_class_acc=dict(zip(module.class_names, metrics["val/class_acc"])),
     )
 
 

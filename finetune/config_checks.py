@@ -140,12 +140,10 @@ INSTANTIATED: dict[type, dict[str, Rule]] = {
 
 #: Models a comparison can switch between: every fixed variant (model=phi needs its own model.phi).
 COMPARED_MODELS = tuple(m for m in MODEL_NAMES if m != "phi")
-#: Policies a comparison measures epoch by epoch (a probe has no epochs: run it with `finetune finetune=probe`).
-COMPARED_POLICIES = tuple(p for p in POLICIES if p != "probe")
 COMPARE: dict[str, Rule] = {
-    "policies": Rule(lambda v: isinstance(v, list) and v != [] and all(p in COMPARED_POLICIES for p in v)
+    "policies": Rule(lambda v: isinstance(v, list) and v != [] and all(p in POLICIES for p in v)
                      and len(set(v)) == len(v),
-                     f"a list of distinct policies from {', '.join(COMPARED_POLICIES)}", hint="e.g. compare.policies=[frozen,full]"),
+                     f"a list of distinct policies from {', '.join(POLICIES)}", hint="e.g. compare.policies=[frozen,full]"),
     "models": optional(Rule(lambda v: isinstance(v, list) and all(m in COMPARED_MODELS for m in v) and len(set(v)) == len(v),
                             f"a list of distinct models from {', '.join(COMPARED_MODELS)} ([]: the configured model)",
                             hint="e.g. compare.models=[lite0,lite1,lite2]")),

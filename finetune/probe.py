@@ -98,8 +98,9 @@ class ProbeSettings:
         return cls(**{k: (float(v) if k in ("l2_min", "l2_max", "tolerance") else v) for k, v in values.items()})
 
     @classmethod
-    def for_lpft(cls, cfg: DictConfig) -> ProbeSettings:
-        """finetune=lpft's probe: probe.yaml's settings (their one source), with `+probe.<key>=...` over them."""
+    def for_run(cls, cfg: DictConfig) -> ProbeSettings:
+        """A run's probe (finetune=probe, lpft's, the audit's, a comparison's): probe.yaml's settings (their one
+        source), with the run's `probe.<key>` over them."""
         defaults = OmegaConf.create((importlib.resources.files("finetune.conf") / "finetune" / "probe.yaml").read_text())
         return cls.from_config(OmegaConf.merge(defaults.probe, cfg.get("probe") or {}))
 
@@ -249,6 +250,17 @@ def accuracy(rows: FeatureRows, weight: Tensor, bias: Tensor, k: int = 1) -> flo
     return hits / len(rows)
 
 
+def class_recall(rows: FeatureRows, weight: Tensor, bias: Tensor) -> list[float]:
+    """Each class's accuracy (its recall) under the classifier (weight, bias) on `rows`; NaN for an absent class."""
+    hits = torch.zeros(weight.shape[0], dtype=torch.float64)
+    counts = torch.zeros_like(hits)
+    for x, y in rows.chunks():
+        right = (torch.addmm(bias, x, weight.T).argmax(dim=1) == y).to(torch.float64).cpu()
+        hits.index_add_(0, y.cpu(), right)
+        counts.index_add_(0, y.cpu(), torch.ones_like(right))
+    return (hits / counts).tolist()
+
+
 def regularisation_path(
     train: FeatureRows, val: FeatureRows, num_classes: int, settings: ProbeSettings
 ) -> tuple[tuple[Tensor, Tensor], PathPoint, list[PathPoint]]:
@@ -346,7 +358,7 @@ def fit_probe(cfg: DictConfig) -> dict[str, Any]:
     """Extract features, walk the regularisation path, save the best classifier; `fit`'s metrics for `finetune=probe`."""
     from finetune.train import build_datamodule, build_module, trainer_kwargs  # train.py dispatches here
 
-    settings = ProbeSettings.from_config(cfg.get("probe"))
+    settings = ProbeSettings.for_run(cfg)
     if cfg.get("ckpt_path"):
         raise ConfigError("finetune=probe fits in one pass and has nothing to resume; remove ckpt_path "
                           "(to probe a fine-tuned network's features, pass it as model.pretrained=<checkpoint>)")
@@ -364,7 +376,7 @@ def fit_probe(cfg: DictConfig) -> dict[str, Any]:
     features, (weight, bias), best, path, fit = fit_head(module.model, datamodule, splits, settings, device,
                                                          progress=cfg.trainer.enable_progress_bar)
     metrics: dict[str, Any] = {"best_val_acc": best.val_acc, "best_checkpoint": None, "probe/l2": best.l2,
-                               "probe/fit": fit}
+                               "probe/fit": fit, "val/class_acc": class_recall(features["val"], weight, bias)}
     if "test" in features:
         test = features["test"]
         metrics |= {"test/acc": accuracy(test, weight, bias), "test/acc_top5": accuracy(test, weight, bias, 5)}

@@ -212,7 +212,7 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
         return fit_probe(cfg)
     # lpft: the probe's head goes into the network before the first step (its settings checked here, before any data)
     ckpt_path = cfg.get("ckpt_path")
-    probe_head = [ProbeHead(ProbeSettings.for_lpft(cfg), resuming=bool(ckpt_path))] if cfg.finetune.name == "lpft" else []
+    probe_head = [ProbeHead(ProbeSettings.for_run(cfg), resuming=bool(ckpt_path))] if cfg.finetune.name == "lpft" else []
     resume = load_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)

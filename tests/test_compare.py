@@ -17,7 +17,7 @@ from finetune.errors import ConfigError
 from finetune.evaluate import split_predictions
 from finetune.features import CachedFeatureDataModule
 from finetune.module import FineTuneModule
-from finetune.train import build_datamodule, build_module
+from finetune.train import build_datamodule, build_module, fit
 from helpers import compose_config
 
 
@@ -88,6 +88,27 @@ def test_compare_writes_one_row_per_policy_agreeing_with_tensorboard(tiny_folder
     assert all((tmp_path / "runs" / r["policy"] / "metrics.json").is_file() for r in rows)
 
 
+def test_compare_includes_the_probe_fitted_on_unaugmented_images_as_finetune_probe_fits_it(tiny_folder, tmp_path):
+    augmented = [o for o in _overrides(tiny_folder) if o != "data.augment=false"]  # augment: the default, on
+    rows = {r.policy: r for r in compare([*augmented, "compare.policies=[probe,frozen]", "compare.cam_images=0"],
+                                         tmp_path / "compare")}
+    alone = fit(compose_config([*augmented, "finetune=probe", "data.augment=false"], tmp_path / "alone"))
+    probe, frozen = rows["probe"], rows["frozen"]
+    assert probe.best_val_acc == alone["best_val_acc"] and probe.val_acc == [alone["best_val_acc"]]
+    assert probe.trainable_params == frozen.trainable_params == 1280 * 3 + 3 and probe.params == frozen.params
+    assert Path(probe.best_checkpoint).name == "probe.ckpt" and probe.epoch_seconds > 0
+    val_labels = np.array(build_datamodule(compose_config(augmented, tmp_path / "cfg")).dataset("val").labels)
+    support = [int((val_labels == c).sum()) for c in range(3)]
+    assert list(probe.per_class_acc) == ["class0", "class1", "class2"]
+    pooled = sum(acc * n for acc, n in zip(probe.per_class_acc.values(), support)) / sum(support)
+    assert pooled == pytest.approx(probe.best_val_acc, abs=1e-9)
+    base = compose([*augmented, "data.mixup_alpha=0.2", f"paths.output_dir={tmp_path}"])
+    assert run_config(base, "b0", "frozen", False).data.augment and run_config(base, "b0", "frozen", False).data.mixup_alpha
+    probe_data = run_config(base, "b0", "probe", False).data  # only the probe's run turns augmentation off
+    assert probe_data.augment is False and probe_data.mixup_alpha == 0.0
+    assert "| probe | 3,843 |" in (tmp_path / "compare" / "comparison.md").read_text()
+
+
 GRID = ["model=lite0", "model.pretrained=null", "model.resolution=32", "data=digits", "data.batch_size=32",
         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "test_after_fit=false", "compare.cam_images=2",
@@ -156,8 +177,8 @@ MODELS_ERROR = "compare.models must be null or a list of distinct models from b0
 
 @pytest.mark.parametrize("override, expected", [
     *((f"compare.models={models}", MODELS_ERROR) for models in ("[lite0,lite0]", "[lite0,phi]", "[lite0,b9]", "lite0")),
-    ("compare.policies=[probe,full]", "compare.policies must be a list of distinct policies from full, frozen, partial, "
-                                      "gradual, lpft, got ['probe', 'full']"),  # a probe has no epochs to measure
+    ("compare.policies=[full,full]", "compare.policies must be a list of distinct policies from full, frozen, partial, "
+                                     "gradual, probe, lpft, got ['full', 'full']"),
 ])
 def test_compare_refuses_bad_models_and_policies_before_any_run(tmp_path, override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
