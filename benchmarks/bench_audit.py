@@ -3,7 +3,7 @@
 A folder of crops of scikit-image photos (5 classes, train/ and val/) is written once. Each case
 runs in its own process, so its peak RSS (`ru_maxrss`) is that case's alone: `features` builds
 the datamodule and the network and extracts the pooled features of every split (what any audit
-must do); `audit` runs `finetune.audit.audit` on the same config, end to end, and times its
+must do); `audit` runs `finetune.commands.audit.audit` on the same config, end to end, and times its
 stages (features, probe fits, search and cleanlab, files written). Cases alternate ABBA over
 the repeats; the ratios are taken within each repeat, and the medians reported.
 
@@ -50,8 +50,8 @@ def write_folder(root: Path, images: int, seed: int = 0) -> None:
 
 def run_case(case: str, overrides: list[str], output: Path) -> dict[str, float]:
     """In this (child) process: the case's seconds, stage seconds and peak memory, as JSON on stdout."""
-    import finetune.audit as audit_module
-    from finetune.audit import audit, compose
+    import finetune.commands.audit as audit_module
+    from finetune.commands.audit import audit, compose
 
     stages: dict[str, float] = {}
 
@@ -67,9 +67,9 @@ def run_case(case: str, overrides: list[str], output: Path) -> dict[str, float]:
     if case == "features":
         from omegaconf import OmegaConf
 
-        from finetune.features import pooled_features
-        from finetune.probe import CHECKPOINT_POLICY
-        from finetune.train import build_datamodule, build_module
+        from finetune.training.features import pooled_features
+        from finetune.training.probe import CHECKPOINT_POLICY
+        from finetune.build import build_datamodule, build_module
 
         cfg = OmegaConf.merge(compose(overrides), {"finetune": CHECKPOINT_POLICY, "paths": {"output_dir": str(output)}})
         datamodule = build_datamodule(cfg)

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from finetune.evaluate import ScoreKeeper
-from finetune.reports import report_metrics
+from finetune.commands.evaluate import ScoreKeeper
+from finetune.analysis.reports import report_metrics
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import onnxruntime
 import torch
 
 from common import interleaved, median, paired_ratios, report
-from finetune.export import INPUT_NAME, check_onnx, export_onnx
+from finetune.exporting.formats import INPUT_NAME, check_onnx, export_onnx
 from finetune.models import create_model
 
 SCRIPT = "bench_export.py"

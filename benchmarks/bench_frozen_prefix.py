@@ -16,7 +16,7 @@ import time
 import torch
 
 from finetune.models import create_model
-from finetune.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
+from finetune.training.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ import torch
 
 from common import OtherProcessesCpu, PeakMemory, add_common_args, median, report, setup_device, synchronize, write_cifar100
 from finetune.datamodules import CIFAR100DataModule
-from finetune.features import CachedFeatureDataModule
-from finetune.module import FineTuneModule
+from finetune.training.features import CachedFeatureDataModule
+from finetune.training.module import FineTuneModule
 
 SCRIPT = "bench_policies.py"
 POLICIES: dict[str, dict[str, Any]] = {

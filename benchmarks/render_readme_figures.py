@@ -17,8 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from finetune.compare import compare, compose
-from finetune.evaluate import evaluate, split_predictions
+from finetune.commands.compare import compare, compose
+from finetune.commands.evaluate import evaluate, split_predictions
 
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 #: The run: the demo experiment, four images in the Grad-CAM figure.

@@ -25,13 +25,30 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.v2 import Transform
 
-from finetune.config_rules import BOOL, PATH, SEED, Rule, either, hinted, integer, number, numbers, one_of, optional
+from finetune.configuration.rules import (
+    BOOL,
+    PATH,
+    SEED,
+    Rule,
+    either,
+    hinted,
+    integer,
+    number,
+    numbers,
+    one_of,
+    optional,
+)
 from finetune.datamodules.augment import AUTO_AUGMENT, auto_augment_policy, batch_mixer, erase_per_image, per_image
 from finetune.datamodules.device_decode import EncodedImages
 from finetune.datamodules.splits import RECORDED_SETTINGS, check_same_data, examples_per_class, split_identity
 from finetune.errors import ConfigError
 from finetune.models.preprocessing import (
-    DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, resize_like_pil,
+    DEFAULT_CROP_FRACTION,
+    DEFAULT_INTERPOLATION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    resize_like_pil,
 )
 from finetune.signals import ignore_in_worker
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from finetune.config_rules import SEED, number, one_of
+from finetune.configuration.rules import SEED, number, one_of
 from finetune.datamodules.base import ImageClassificationDataModule, InMemoryImageDataset, Split
 from finetune.datamodules.errors import dataset_not_found
 from finetune.datamodules.splits import stable_split

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, DatasetNotFoundError
 
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset is absent from `root` and `download` is off (or it cannot be downloaded)."""
+__all__ = ["CorruptImageError", "DatasetNotFoundError", "dataset_not_found"]
 
 
 class CorruptImageError(ConfigError):

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.config_rules import BOOL, hinted, one_of
+from finetune.configuration.rules import BOOL, hinted, one_of
 from finetune.datamodules.base import ImageClassificationDataModule, Split
 from finetune.datamodules.device_decode import EncodedImageFileDataset
 from finetune.datamodules.images import DECODE_MODES, ImageFileDataset, worker_transform

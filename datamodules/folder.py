@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from finetune.config_rules import PATH, SEED, number, optional
+from finetune.configuration.rules import PATH, SEED, number, optional
 from finetune.datamodules.base import Split
 from finetune.datamodules.errors import dataset_not_found
 from finetune.datamodules.files import ImageFileDataModule

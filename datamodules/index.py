@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.checkpointing import atomic_save
+from finetune.fileio import atomic_save
 
 #: Bumped whenever the cached layout changes; older index files are then rebuilt.
 INDEX_VERSION = 2

@@ -34,12 +34,17 @@ def take_debug_flag(argv: list[str]) -> list[str]:
     return [arg for arg in argv if arg != DEBUG_FLAG]
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from finetune.datamodules.errors import DatasetNotFoundError
-    from finetune.guards import NonFiniteLossError
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is absent from `root` and `download` is off (or it cannot be downloaded)."""
 
-    # ConfigError covers WeightsError and CorruptImageError, its subclasses.
-    return (ConfigError, DatasetNotFoundError, NonFiniteLossError)
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged; the message names the step and the checkpoint to resume from."""
+
+
+#: The errors `user_errors` reports in one line. Each subclasses the builtin a caller would naturally catch
+#: (a missing dataset *is* a missing file); ConfigError covers WeightsError and CorruptImageError, its subclasses.
+USER_ERRORS = (ConfigError, DatasetNotFoundError, NonFiniteLossError)
 
 
 @contextlib.contextmanager
@@ -50,7 +55,7 @@ def user_errors() -> Iterator[None]:
     """
     try:
         yield
-    except user_error_types() as e:
+    except USER_ERRORS as e:
         if debugging():
             raise
         message = " ".join(str(e).split()) or type(e).__name__

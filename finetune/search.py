@@ -24,7 +24,6 @@ from typing import Any
 import optuna
 import torch
 import yaml
-from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.memory import is_oom_error
@@ -35,9 +34,10 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from finetune.config_rules import integer
+from finetune.build import check_config, compose, fit
+from finetune.configuration.rules import integer
 from finetune.errors import ConfigError, user_errors
-from finetune.guards import NonFiniteLossError
+from finetune.training.callbacks.guards import NonFiniteLossError
 
 GROUP = "hparams_search"
 #: What trials are judged on: the metric `fit` keeps the best checkpoint by, reported each epoch for pruning.
@@ -58,7 +58,7 @@ class TrialOutOfMemory(Exception):
 
 
 def main(argv: Sequence[str]) -> None:
-    """The `finetune` command when `hparams_search=<name>` is given (finetune.train.main routes here)."""
+    """The `finetune` command when `hparams_search=<name>` is given (finetune.commands.train.main routes here)."""
     with user_errors():
         search(argv)
 
@@ -66,7 +66,7 @@ def main(argv: Sequence[str]) -> None:
 def search(argv: Sequence[str]) -> optuna.Study:
     """Create or resume the study of these overrides, run the trials it still lacks, write the results file."""
     overrides = _overrides(argv)
-    root = _compose(overrides, with_hydra=True)
+    root = compose("train", overrides, with_hydra=True)
     settings = root[GROUP]
     space, n_trials = _checked_settings(settings, overrides)
     sweep_dir = Path(root.hydra.sweep.dir)
@@ -79,13 +79,12 @@ def search(argv: Sequence[str]) -> optuna.Study:
     _check_same_search(study, overrides, storage)
 
     def objective(trial: optuna.Trial) -> float:
-        from finetune.train import fit  # train.py routes `finetune hparams_search=...` here
 
         sampled = [_override(name, suggest(trial, name, distribution)) for name, distribution in space.items()]
         run_dir = sweep_dir / str(trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", sampled)
-        cfg = _compose([*base, *sampled, f"paths.output_dir={run_dir}"])
+        cfg = compose("train", [*base, *sampled, f"paths.output_dir={run_dir}"])
         try:
             metrics = fit(cfg, extra_callbacks=[PyTorchLightningPruningCallback(trial, monitor=MONITOR)])
         except NonFiniteLossError as e:  # a bad point of the space, stopped early: what pruning means
@@ -268,16 +267,6 @@ def _overrides(argv: Sequence[str]) -> list[str]:
     return overrides
 
 
-def _compose(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
-    import finetune.train  # noqa: F401 - registers the config resolvers
-
-    try:
-        with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
-            return compose("train", overrides=list(overrides), return_hydra_config=with_hydra)
-    except HydraException as e:
-        raise ConfigError(" ".join(str(e).split())) from None
-
-
 def _one_device(root: DictConfig) -> list[str]:
     """Trials run one after another in this process, each on one device: the overrides that make it so.
 
@@ -294,9 +283,7 @@ def _one_device(root: DictConfig) -> list[str]:
 
 def _check_trial_config(overrides: list[str], sweep_dir: Path) -> None:
     """The trials' config without sampled values, checked before a study is created for it."""
-    from finetune.train import check_config
-
-    check_config(_compose([*overrides, f"paths.output_dir={sweep_dir}"]))
+    check_config(compose("train", [*overrides, f"paths.output_dir={sweep_dir}"]))
 
 
 def _check_same_search(study: optuna.Study, overrides: list[str], storage: str) -> None:

@@ -79,7 +79,7 @@ def compose_config(overrides: list[str], output_dir) -> DictConfig:
     """The `finetune` CLI's config for these overrides, writing into `output_dir`, without a subprocess."""
     from hydra import compose, initialize_config_module
 
-    import finetune.train  # noqa: F401 - registers the config resolvers
+    import finetune.build  # noqa: F401 - registers the config resolvers
 
     with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
         return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])

@@ -27,7 +27,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from finetune.audit import main
+from finetune.commands.audit import main
 
 CLASSES = {"astronaut": skimage.data.astronaut, "cat": skimage.data.chelsea, "coffee": skimage.data.coffee,
            "motorcycle": lambda: skimage.data.stereo_motorcycle()[0], "rocket": skimage.data.rocket}
@@ -110,7 +110,7 @@ def audited(tmp_path_factory):
     overrides = ["model=lite0", "data=imagefolder", f"data.root={root}"]
     # One torch thread: a 250-image problem, whose solver threads only contend on a shared 2-core machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "finetune.audit", *overrides, "--output", str(out)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "finetune.commands.audit", *overrides, "--output", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return root, planted, out, done.stdout, overrides
@@ -208,8 +208,8 @@ def one_thread():
 
 def test_in_memory_images_are_named_by_their_index_in_the_split(tmp_path, capsys, one_thread):
     """digits: no files, so `digits[i]` is `dataset(split)[i]`: each listed index exists, and the labels are those images'."""
-    from finetune.audit import compose
-    from finetune.train import build_datamodule
+    from finetune.commands.audit import compose
+    from finetune.build import build_datamodule
 
     # A short regularisation path (as tests/test_probe.py's): 1797 images' 33 fits take a minute on 2 shared cores.
     overrides = ["model=lite0", "model.resolution=32", "data=digits", "probe.l2_min=1e-2", "probe.l2_max=1",

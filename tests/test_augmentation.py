@@ -2,7 +2,7 @@
 
 The data keys are judged on real batches of scikit-learn's digits through the datamodule's
 own device path, with and without the key under the same seed; EMA and gradient
-accumulation through short real fits of `finetune.train.fit`.
+accumulation through short real fits of `finetune.build.fit`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from finetune.config_checks import validate_config
+from finetune.configuration.checks import validate_config
 from finetune.datamodules import DigitsDataModule
 from finetune.errors import ConfigError
-from finetune.features import CachedFeatureDataModule
-from finetune.module import FineTuneModule
-from finetune.train import fit, group_options
+from finetune.training.features import CachedFeatureDataModule
+from finetune.training.module import FineTuneModule
+from finetune.build import fit
+from finetune.cli import group_options
 from helpers import compose_config
 
 DIGITS = {"num_workers": 0, "resolution": 32, "batch_size": 64}

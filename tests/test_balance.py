@@ -19,14 +19,14 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 
-from finetune.config_checks import validate_config
+from finetune.configuration.checks import validate_config
 from finetune.datamodules import DigitsDataModule, ImageFolderDataModule
 from finetune.datamodules.base import EpochSampler
 from finetune.errors import ConfigError
-from finetune.evaluate import main as evaluate_main
-from finetune.module import FineTuneModule
-from finetune.reports import markdown_report, report_metrics, summarize
-from finetune.train import fit
+from finetune.commands.evaluate import main as evaluate_main
+from finetune.training.module import FineTuneModule
+from finetune.analysis.reports import markdown_report, report_metrics, summarize
+from finetune.build import fit
 from helpers import compose_config, write_digits_folder
 from test_chaos import POINTS, Runs, assert_same, outcome, resume_command, wait
 

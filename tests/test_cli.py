@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.compare import read_scalars
+from finetune.commands.compare import read_scalars
 from helpers import image_tags
 
 FAST = [
@@ -20,7 +20,7 @@ TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_top5", "test/
         "lr-AdamW/head", "lr-AdamW/stage6"}
 
 
-def run_cli(args: list[str], cwd: Path, module: str = "finetune.train") -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, module: str = "finetune.commands.train") -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -12,12 +12,12 @@ from PIL import Image
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetune.compare import compare, compose, pareto_front, read_scalars, run_config
+from finetune.commands.compare import compare, compose, pareto_front, read_scalars, run_config
 from finetune.errors import ConfigError
-from finetune.evaluate import split_predictions
-from finetune.features import CachedFeatureDataModule
-from finetune.module import FineTuneModule
-from finetune.train import build_datamodule, build_module, fit
+from finetune.commands.evaluate import split_predictions
+from finetune.training.features import CachedFeatureDataModule
+from finetune.training.module import FineTuneModule
+from finetune.build import build_datamodule, build_module, fit
 from helpers import compose_config
 
 

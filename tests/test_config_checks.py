@@ -24,13 +24,14 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from finetune.config_checks import FINETUNE, MODEL, OPTIM, validate_config
+from finetune.configuration.checks import FINETUNE, MODEL, OPTIM, validate_config
 from finetune.datamodules import DigitsDataModule
 from finetune.errors import ConfigError, user_errors
 from finetune.models import create_model
-from finetune.module import DEFAULT_OPTIM
-from finetune.policies import FinetunePolicy
-from finetune.train import build_datamodule, fit, group_options
+from finetune.training.module import DEFAULT_OPTIM
+from finetune.training.policies import FinetunePolicy
+from finetune.build import build_datamodule, fit
+from finetune.cli import group_options
 
 FINETUNE_CMD = Path(sys.executable).with_name("finetune")
 FAST = [

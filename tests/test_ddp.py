@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from finetune.train import trainer_kwargs
+from finetune.build import trainer_kwargs
 from helpers import write_digits_folder
 
 FINETUNE = Path(sys.executable).with_name("finetune")
@@ -43,7 +43,7 @@ import json, sys
 from pathlib import Path
 import lightning as L, torch
 from hydra import compose, initialize_config_module
-from finetune.train import fit
+from finetune.build import fit
 
 class Agreement(L.Callback):
     def on_train_start(self, trainer, pl_module):

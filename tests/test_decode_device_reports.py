@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.compare import RunResult, compare, compose, write_cam
-from finetune.evaluate import evaluate, split_predictions
+from finetune.commands.compare import RunResult, compare, compose, write_cam
+from finetune.commands.evaluate import evaluate, split_predictions
 from helpers import compose_config, write_digits_folder
 
 

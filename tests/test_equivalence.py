@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from finetune.datamodules import DigitsDataModule
 from finetune.models import create_model
-from finetune.module import FineTuneModule
+from finetune.training.module import FineTuneModule
 from helpers import randomize_norm_stats, relative_error
 
 MEAN = (0.485, 0.456, 0.406)

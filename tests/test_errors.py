@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from finetune.errors import user_errors
-from finetune.guards import NonFiniteLossError
+from finetune.training.callbacks.guards import NonFiniteLossError
 from finetune.models import create_model
-from finetune.train import check_overrides, fit
+from finetune.cli import check_overrides
+from finetune.build import fit
 
 FAST = [
     "model=b0", "model.pretrained=null", "model.resolution=32", "trainer=cpu", "trainer.max_epochs=1",

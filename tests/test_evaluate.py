@@ -12,12 +12,12 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.compare import read_scalars
-from finetune.evaluate import Inference, Predictions, ScoreKeeper, evaluate, main, predict
+from finetune.commands.compare import read_scalars
+from finetune.commands.evaluate import Inference, Predictions, ScoreKeeper, evaluate, main, predict
 from finetune.models.preprocessing import Preprocessing
-from finetune.module import FineTuneModule
-from finetune.reports import confusion_figure, plt
-from finetune.train import fit
+from finetune.training.module import FineTuneModule
+from finetune.analysis.reports import confusion_figure, plt
+from finetune.build import fit
 from helpers import compose_config, image_tags
 
 MEAN, STD = (0.2, 0.3, 0.4), (0.5, 0.4, 0.3)

@@ -15,12 +15,13 @@ from PIL import Image
 from finetune.datamodules import (
     CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, Flowers102DataModule, ImageFolderDataModule,
 )
-from finetune.export import CHECK_BATCH, main
+from finetune.exporting.formats import CHECK_BATCH
+from finetune.commands.export import main
 from finetune.models import create_model
 from finetune.models.efficientnet import Conv2dSame
 from finetune.models.preprocessing import Preprocessing
-from finetune.module import FineTuneModule
-from finetune.train import fit
+from finetune.training.module import FineTuneModule
+from finetune.build import fit
 from helpers import compose_config, relative_error
 
 ort = pytest.importorskip("onnxruntime")
@@ -212,9 +213,9 @@ def test_what_a_datamodule_records_is_the_crop_its_validation_makes(datamodule: 
 
 
 def test_importing_the_export_loads_neither_the_evaluation_module_nor_matplotlib() -> None:
-    """Issue 20: finetune.export imported finetune.evaluate, and its figures' matplotlib, for one helper."""
-    code = ("import sys, finetune.export; "
-            "assert 'matplotlib' not in sys.modules and 'finetune.evaluate' not in sys.modules, sorted(sys.modules)")
+    """Issue 20: finetune.exporting.formats imported finetune.commands.evaluate, and its figures' matplotlib, for one helper."""
+    code = ("import sys, finetune.exporting.formats; "
+            "assert 'matplotlib' not in sys.modules and 'finetune.commands.evaluate' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 

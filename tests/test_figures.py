@@ -16,11 +16,11 @@ from matplotlib.transforms import Bbox
 from skimage import data as samples
 from skimage.transform import resize
 
-from finetune.cam import cam_figure, grad_cam, plt
-from finetune.compare import RunResult, compare, comparison_figure, frontier_figure
-from finetune.evaluate import evaluate, split_predictions
+from finetune.analysis.cam import cam_figure, grad_cam, plt
+from finetune.commands.compare import RunResult, compare, comparison_figure, frontier_figure
+from finetune.commands.evaluate import evaluate, split_predictions
 from finetune.models import create_model
-from finetune.reports import confusion_figure, errors_figure, reliability_figure
+from finetune.analysis.reports import confusion_figure, errors_figure, reliability_figure
 from helpers import compose_config, write_digits_folder
 
 

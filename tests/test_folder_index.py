@@ -384,7 +384,7 @@ from pathlib import Path
 import lightning as L, torch
 from hydra import compose, initialize_config_module
 import finetune.datamodules.images
-from finetune.train import fit
+from finetune.build import fit
 
 reads = []
 load = finetune.datamodules.images.ImageFileDataset.load

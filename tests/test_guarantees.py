@@ -28,8 +28,8 @@ from PIL import Image
 from torch import nn
 
 from finetune import create_model
-from finetune.module import FineTuneModule
-from finetune.policies import model_parts
+from finetune.training.module import FineTuneModule
+from finetune.training.policies import model_parts
 from helpers import randomize_norm_stats, write_digits_folder
 
 FINETUNE = Path(sys.executable).with_name("finetune")
@@ -291,7 +291,7 @@ def test_indexing_reads_the_folders_imagefolder_reads_plus_one_stat_per_file(
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real checkpoint: B0 trained one full epoch on a folder of handwritten digits."""
-    from finetune.train import fit
+    from finetune.build import fit
     from helpers import compose_config
 
     root = tmp_path_factory.mktemp("export")

@@ -21,11 +21,11 @@ from timm.data import resolve_data_config
 from timm.models import save_for_hf
 
 from finetune.errors import ConfigError
-from finetune.export import main
+from finetune.commands.export import main
 from finetune.models import create_model
 from finetune.models.preprocessing import Preprocessing
-from finetune.module import FineTuneModule
-from finetune.train import fit
+from finetune.training.module import FineTuneModule
+from finetune.build import fit
 from helpers import compose_config, randomize_norm_stats, relative_error, serve_files, write_digits_folder
 
 FAST = ["model.resolution=32", "data=imagefolder", "data.num_workers=0", "data.batch_size=16", "trainer=cpu",
@@ -49,7 +49,7 @@ def runs(digits, tmp_path_factory) -> dict[str, Path]:
     lite0 = tmp_path_factory.mktemp("lite0")
     overrides = ["model=lite0", "finetune=frozen", *FAST, f"data.root={digits}", "data.mean=[0.45,0.4,0.35]",
                  "data.std=[0.3,0.3,0.3]"]
-    out = subprocess.run([sys.executable, "-m", "finetune.train", *overrides, f"hydra.run.dir={lite0}"],
+    out = subprocess.run([sys.executable, "-m", "finetune.commands.train", *overrides, f"hydra.run.dir={lite0}"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     b0 = fit(compose_config(["model=b0", "model.pretrained=null", "model.padding=symmetric", *FAST,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from finetune.evaluate import ScoreKeeper
-from finetune.reports import CALIBRATION_BINS, BinnedCalibrationError
+from finetune.commands.evaluate import ScoreKeeper
+from finetune.analysis.reports import CALIBRATION_BINS, BinnedCalibrationError
 
 
 def _batches(n_batches: int, size: int = 64, classes: int = 7, seed: int = 0):

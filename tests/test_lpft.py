@@ -14,11 +14,11 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 
-import finetune.probe
-from finetune.compare import compare, read_scalars
+import finetune.training.probe
+from finetune.commands.compare import compare, read_scalars
 from finetune.errors import ConfigError
-from finetune.policies import FinetunePolicy
-from finetune.train import fit
+from finetune.training.policies import FinetunePolicy
+from finetune.build import fit
 from helpers import compose_config, write_digits_folder
 
 #: A folder of digits PNGs at 32 px on real Lite0 weights; a three-strength probe grid solved tightly enough to
@@ -117,7 +117,7 @@ def test_resume_takes_the_head_from_the_checkpoint_and_equals_the_uninterrupted_
     def refit(*args, **kwargs):
         raise AssertionError("the probe was fitted again on resume")
 
-    monkeypatch.setattr(finetune.probe, "fit_head", refit)
+    monkeypatch.setattr(finetune.training.probe, "fit_head", refit)
     # Resumed in its own run directory, as the command a stopped run prints does (its best checkpoint is there).
     resumed = fit(compose_config([*digits, f"ckpt_path={stopped}"], root / "stopped"))
     ends = [torch.load(root / run / "checkpoints" / "last.ckpt", weights_only=True) for run in ("whole", "stopped")]

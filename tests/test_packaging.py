@@ -57,9 +57,9 @@ def test_installed_wheel_composes_and_validates_a_run_without_the_repository(whe
     zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking
     script = """
 import importlib.util, sys
-import finetune, finetune.datamodules, finetune.train
+import finetune, finetune.datamodules, finetune.build
 from hydra import compose, initialize_config_module
-from finetune.train import build_datamodule, check_config
+from finetune.build import build_datamodule, check_config
 assert finetune.__file__.startswith(sys.argv[1]), finetune.__file__
 assert importlib.util.find_spec("datamodules") is None and importlib.util.find_spec("conf") is None
 with initialize_config_module("finetune.conf", version_base="1.3"):
@@ -75,7 +75,7 @@ print(type(datamodule).__module__, sorted(m for m in sys.modules if m.split(".")
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[-2] == "finetune.datamodules.digits []"
-    cli = subprocess.run([sys.executable, "-P", "-m", "finetune.train", "--cfg", "job", "data=flowers102"],
+    cli = subprocess.run([sys.executable, "-P", "-m", "finetune.commands.train", "--cfg", "job", "data=flowers102"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert "_target_: finetune.datamodules.Flowers102DataModule" in cli.stdout

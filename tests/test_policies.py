@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from finetune.datamodules import DigitsDataModule
-from finetune.module import FineTuneModule
-from finetune.policies import FinetunePolicy, model_parts
+from finetune.training.module import FineTuneModule
+from finetune.training.policies import FinetunePolicy, model_parts
 
 PARTS = ["stem"] + [f"stage{i}" for i in range(7)] + ["top", "head"]
 

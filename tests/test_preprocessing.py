@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from finetune import WeightsError, create_model
 from finetune.errors import ConfigError
-from finetune.module import FineTuneModule
-from finetune.train import fit
+from finetune.training.module import FineTuneModule
+from finetune.build import fit
 from helpers import compose_config, image_tags, randomize_norm_stats, relative_error
 
 X = torch.randn(2, 3, 72, 88, generator=torch.Generator().manual_seed(0))

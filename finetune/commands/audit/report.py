@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from finetune.audit_data import Images
-from finetune.audit_probe import ProbeFit
-from finetune.audit_search import Pairs
+from finetune.commands.audit.data import Images
+from finetune.commands.audit.probe import ProbeFit
+from finetune.commands.audit.search import Pairs
 
 #: Gallery tiles per row (duplicates: pairs side by side, so half as many pairs).
 GALLERY_COLUMNS = 6
@@ -165,7 +165,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def gallery(f: Findings, rows: Sequence[int], path: Path, title: str, captions: Sequence[str] = ()) -> None:
     """A grid of the images `rows`, each titled with its file name, split, given and suggested class, and `captions`."""
-    from finetune.cam import plt
+    from finetune.analysis.cam import plt
 
     columns = GALLERY_COLUMNS
     lines = max(1, math.ceil(len(rows) / columns))

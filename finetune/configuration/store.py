@@ -5,7 +5,7 @@ one source of the optim and finetune defaults: the Python API uses them as they 
 option file (`conf/optim/sgd.yaml`, `conf/finetune/partial.yaml`, ...) starts from them with
 `defaults: [_defaults]`, so every key exists in the composed config (`optim.lr=...` needs no `+`)
 without being written twice. Plain dicts, not typed schemas: values are checked by
-`finetune.config_checks` in one line, not by Hydra's multi-line type errors.
+`finetune.configuration.checks` in one line, not by Hydra's multi-line type errors.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import asdict
 
 from hydra.core.config_store import ConfigStore
 
-from finetune.module import DEFAULT_OPTIM
-from finetune.policies import FinetunePolicy
+from finetune.training.module import DEFAULT_OPTIM
+from finetune.training.policies import FinetunePolicy
 
 
 def register_defaults() -> None:

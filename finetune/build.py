@@ -1,48 +1,50 @@
-"""`finetune`: fit an EfficientNet under a fine-tuning policy, then test the best checkpoint.
+"""The composition root: a composed config in, the datamodule, module and trainer it names out, and `fit`.
 
-    finetune model=b0 data=cifar100 finetune=frozen
-    finetune -m finetune=frozen,partial,full      # a sweep
+Every command builds through here (`finetune`, `finetune-compare`, `finetune-evaluate`,
+`finetune-audit`, the search); none imports another. Importing this module registers the
+config resolvers and the defaults Hydra composes with, so `compose` works from Python too.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import json
-import math
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.averaging import FitEMA
-from finetune.checkpointing import AtomicCheckpointIO, RNGStateCallback, check_resumable, load_resume_checkpoint
-from finetune.config_checks import EXTRA_TRAINER_KEYS, data_target, import_class, validate_config
-from finetune.config_store import register_defaults
-from finetune.console import log, route_to_run_log, run_summary, say
-from finetune.errors import ConfigError, take_debug_flag, user_errors
-from finetune.features import CachedFeatureDataModule
-from finetune.guards import FiniteLossGuard
-from finetune.interrupts import GracefulStop, last_checkpoint_path, resume_command
+from finetune.configuration.checks import EXTRA_TRAINER_KEYS, data_target, import_class, validate_config
+from finetune.configuration.store import register_defaults
+from finetune.console import log
+from finetune.errors import ConfigError
 from finetune.models.scaling import VARIANTS, compound
-from finetune.module import FineTuneModule
-from finetune.policies import DDPPolicySetup, FinetunePolicy
-from finetune.probe import ProbeHead, ProbeSettings
-from finetune.reports import TestReport
-from finetune.seeding import RankSeed
+from finetune.training.callbacks.averaging import FitEMA
+from finetune.training.callbacks.checkpointing import (
+    AtomicCheckpointIO,
+    RNGStateCallback,
+    check_resumable,
+    load_resume_checkpoint,
+)
+from finetune.training.callbacks.guards import FiniteLossGuard
+from finetune.training.callbacks.interrupts import GracefulStop, last_checkpoint_path, resume_command
+from finetune.training.callbacks.seeding import RankSeed
+from finetune.training.callbacks.test_report import TestReport
+from finetune.training.features import CachedFeatureDataModule
+from finetune.training.module import FineTuneModule
+from finetune.training.policies import DDPPolicySetup, FinetunePolicy
+from finetune.training.probe import CHECKPOINT_POLICY, ProbeHead, ProbeSettings, check_probe_config, fit_probe
 
 # Lightning warns that a mid-epoch checkpoint cannot resume exactly unless its loader is stateful; ours
 # resumes exactly through the datamodule's state (EpochSampler skips the samples already trained on).
@@ -54,38 +56,28 @@ OmegaConf.register_new_resolver("phi_resolution", lambda phi: compound(float(phi
 OmegaConf.register_new_resolver("variant_resolution", lambda name: getattr(VARIANTS.get(name), "resolution", None),
                                 replace=True)
 
-#: Config groups whose options are files under conf/<group>/; checked before Hydra sees them.
-GROUPS = ("model", "data", "finetune", "optim", "trainer", "logger", "callbacks", "experiment", "hparams_search")
 #: Model settings a checkpoint records (FineTuneModule writes them) that its weights depend on.
 RECORDED_MODEL_KEYS = ("padding", "bn_eps", "mean", "std")
-#: Options that add config folders: their groups may hold options only Hydra can list.
-_EXTRA_CONFIG_FLAGS = ("hydra.searchpath", "--config-dir", "-cd", "--config-path", "-cp")
 
 
-def group_options(group: str) -> list[str]:
-    """The option names of a config group, e.g. b0..b7, lite0..lite4, phi for `model`."""
-    folder = importlib.resources.files("finetune.conf") / group
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
-                  if p.name.endswith(".yaml") and not p.name.startswith("_"))  # _base.yaml: shared by the options
 
 
-def check_overrides(args: Sequence[str]) -> None:
-    """Refuse an unknown group option (`model=b9`) in one line that lists the valid ones.
 
-    Hydra's own message for it spans a dozen lines. Sweeps (`model=b0,b9`) are checked
-    name by name; sweep functions, interpolations and extra config folders are left to Hydra.
-    """
-    if any(arg.split("=", 1)[0].lstrip("+") in _EXTRA_CONFIG_FLAGS for arg in args):
-        return
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        group = key.lstrip("+~")
-        if arg.startswith("-") or not sep or group not in GROUPS or any(c in value for c in "()[]{}$*"):
-            continue
-        valid = group_options(group)
-        for name in value.split(","):
-            if name not in valid and name not in ("", "null"):
-                raise ConfigError(f"unknown {group} '{name}'; valid: {', '.join(valid)}")
+
+def compose(config_name: str, overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
+    """conf/<config_name>.yaml for these overrides, inside a running Hydra app or from Python; Hydra's errors in one line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+        with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+    except HydraException as e:
+        raise ConfigError(" ".join(str(e).split())) from None
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -207,9 +199,8 @@ def _check_not_in_local_sweep(trainer: L.Trainer) -> None:
 def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     """Fit (or resume from `cfg.ckpt_path`), test the best checkpoint, write `metrics.json` into the run directory."""
     check_config(cfg)
-    if cfg.finetune.name == "probe":  # a convex fit on features extracted once, no epochs: see finetune/probe.py
-        from finetune.probe import fit_probe
-        return fit_probe(cfg)
+    if cfg.finetune.name == "probe":  # a convex fit on features extracted once, no epochs: see training/probe.py
+        return _fit_probe(cfg)
     # lpft: the probe's head goes into the network before the first step (its settings checked here, before any data)
     ckpt_path = cfg.get("ckpt_path")
     probe_head = [ProbeHead(ProbeSettings.for_run(cfg), resuming=bool(ckpt_path))] if cfg.finetune.name == "lpft" else []
@@ -251,6 +242,17 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     return metrics
 
 
+def _fit_probe(cfg: DictConfig) -> dict[str, Any]:
+    """finetune=probe: its checks, then the datamodule and the network it probes, then `fit_probe`."""
+    settings = ProbeSettings.for_run(cfg)
+    check_probe_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(OmegaConf.merge(cfg, {"finetune": CHECKPOINT_POLICY}), datamodule)
+    device = L.Fabric(accelerator=trainer_kwargs(cfg).get("accelerator", "auto"), devices=1).device
+    return fit_probe(cfg, datamodule, module, device, settings)
+
+
 def _exit_stopped(trainer: L.Trainer, signum: int | None, checkpoint: Path | None, cfg: DictConfig) -> None:
     """Say where the run stopped and the command that resumes it, then exit 128 + the signal number."""
     signum = int(signum or signal.SIGTERM)
@@ -261,50 +263,16 @@ def _exit_stopped(trainer: L.Trainer, signum: int | None, checkpoint: Path | Non
     sys.exit(128 + signum)
 
 
-def _tensorboard_dir(cfg: DictConfig) -> str | None:
-    """Where TensorBoard should look, when this run logs to it."""
-    tensorboard = (cfg.get("logger") or {}).get("tensorboard")
-    return str(tensorboard.save_dir) if tensorboard else None
 
 
 def _number(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def run_command(hydra_entry: Callable[[], Any]) -> None:
-    """A console script: `--debug`, one-line errors for unknown group options, then the Hydra app."""
-    sys.argv[1:] = take_debug_flag(sys.argv[1:])
-    with user_errors():
-        check_overrides(sys.argv[1:])
-    hydra_entry()
 
 
-def main() -> None:
-    """The `finetune` command: Hydra composes the config and runs `fit`; Optuna runs `hparams_search=<name>` trials."""
-    run_command(_search_or_hydra)
 
 
-def _search_or_hydra() -> None:
-    # Optuna drives `fit` itself: a Hydra sweeper cannot stop a trial mid-training (see finetune/search.py).
-    if any(arg.lstrip("+").startswith("hparams_search=") for arg in sys.argv[1:]):
-        from finetune.search import main as search  # here, not at the top: optuna loads for searches only
-
-        search(sys.argv[1:])
-    else:
-        hydra_main()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://finetune.conf", config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra's entry: fit, and hand the best validation accuracy to sweepers that optimise it."""
-    route_to_run_log()
-    with user_errors():
-        metrics = fit(cfg)
-        if rank_zero_only.rank == 0:
-            say(run_summary(metrics, cfg.paths.output_dir, _tensorboard_dir(cfg)))
-        value = metrics.get("best_val_acc")
-        return value if value is not None and math.isfinite(value) else None
 
-
-if __name__ == "__main__":
-    main()

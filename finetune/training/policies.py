@@ -16,8 +16,8 @@ import lightning as L
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune.config_rules import BOOL, Rule, integer, one_of
-from finetune.config_rules import name as name_rule
+from finetune.configuration.rules import BOOL, Rule, integer, one_of
+from finetune.configuration.rules import name as name_rule
 from finetune.errors import ConfigError
 from finetune.models import EfficientNet
 

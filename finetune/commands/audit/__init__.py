@@ -33,17 +33,34 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.audit_data import Images
-from finetune.audit_probe import out_of_sample_probabilities
-from finetune.audit_report import (
-    Findings, class_rows, duplicate_rows, gallery, label_issue_rows, markdown, outlier_rows, report, write_csv,
+from finetune import build
+from finetune.build import build_datamodule, build_module, check_config, trainer_kwargs
+from finetune.cli import check_overrides
+from finetune.commands.audit.data import Images
+from finetune.commands.audit.probe import out_of_sample_probabilities
+from finetune.commands.audit.report import (
+    Findings,
+    class_rows,
+    duplicate_rows,
+    gallery,
+    label_issue_rows,
+    markdown,
+    outlier_rows,
+    report,
+    write_csv,
 )
-from finetune.audit_search import duplicate_pairs, exact_pairs, nearest_neighbours, outlier_fence, outlier_scores
-from finetune.config_rules import Rule, checked_section, integer, number, one_of
+from finetune.commands.audit.search import (
+    duplicate_pairs,
+    exact_pairs,
+    nearest_neighbours,
+    outlier_fence,
+    outlier_scores,
+)
+from finetune.configuration.rules import Rule, checked_section, integer, number, one_of
 from finetune.errors import ConfigError, take_debug_flag, user_errors
-from finetune.features import pooled_features
-from finetune.outputs import writable_folder
-from finetune.probe import CHECKPOINT_POLICY, ProbeSettings, check_one_process
+from finetune.fileio import writable_folder
+from finetune.training.features import pooled_features
+from finetune.training.probe import CHECKPOINT_POLICY, ProbeSettings, check_one_process
 
 #: cleanlab.filter.find_label_issues' `filter_by` methods.
 FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
@@ -75,17 +92,8 @@ class AuditSettings:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The `audit` config for these overrides (the train config plus conf/audit.yaml)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    import finetune.train  # noqa: F401 - registers the config resolvers and the group defaults
-
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose("audit", overrides=overrides)
-    with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
-        return hydra_compose("audit", overrides=overrides)
+    """The `audit` config for these overrides (`finetune.build.compose` of conf/audit.yaml)."""
+    return build.compose("audit", overrides)
 
 
 def audit(overrides: list[str], output: str | Path) -> dict[str, Any]:
@@ -97,8 +105,6 @@ def audit(overrides: list[str], output: str | Path) -> dict[str, Any]:
 
 def audit_config(cfg: DictConfig, output: str | Path) -> dict[str, Any]:
     """Audit the data of `cfg` with its network's features; write the lists, reports and galleries into `output`."""
-    from finetune.train import build_datamodule, build_module, check_config, trainer_kwargs
-
     settings = AuditSettings.from_config(cfg.get("audit"))
     probe = ProbeSettings.for_run(cfg)  # probe.yaml's settings, the audit config's probe.<key> over them
     if cfg.get("ckpt_path"):
@@ -197,8 +203,6 @@ def summary_lines(summary: dict[str, Any], out: Path, overrides: list[str]) -> l
 
 def main(argv: list[str] | None = None) -> None:
     """The `finetune-audit` command: `finetune`'s config overrides, and --output."""
-    from finetune.train import check_overrides
-
     parser = argparse.ArgumentParser(prog="finetune-audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="folder for the lists, reports and galleries")
     args, overrides = parser.parse_known_args(take_debug_flag(sys.argv[1:] if argv is None else argv))

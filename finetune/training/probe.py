@@ -34,7 +34,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from finetune.checkpointing import atomic_save
-from finetune.config_rules import POSITIVE, checked_section, integer, optional
+from finetune.configuration.rules import POSITIVE, checked_section, integer, optional
 from finetune.datamodules.base import ImageClassificationDataModule, Split
 from finetune.errors import ConfigError
-from finetune.features import pooled_features
+from finetune.fileio import atomic_save
 from finetune.models import EfficientNet
+from finetune.training.features import pooled_features
 
 #: Share of the free memory a full-batch fit may plan to fill: the estimate leaves out the allocator's
 #: rounding and fragmentation, and other processes may allocate while the fit runs.
@@ -354,21 +354,22 @@ def fit_head(
     return features, (weight, bias), best, path, fit
 
 
-def fit_probe(cfg: DictConfig) -> dict[str, Any]:
-    """Extract features, walk the regularisation path, save the best classifier; `fit`'s metrics for `finetune=probe`."""
-    from finetune.train import build_datamodule, build_module, trainer_kwargs  # train.py dispatches here
-
-    settings = ProbeSettings.for_run(cfg)
+def check_probe_config(cfg: DictConfig) -> None:
+    """What finetune=probe refuses before any data or weights are read: a resume, augmentation, several processes."""
     if cfg.get("ckpt_path"):
         raise ConfigError("finetune=probe fits in one pass and has nothing to resume; remove ckpt_path "
                           "(to probe a fine-tuned network's features, pass it as model.pretrained=<checkpoint>)")
     if cfg.data.get("augment"):
         raise ConfigError("finetune=probe measures features of unaugmented images; set data.augment=false")
     check_one_process(OmegaConf.to_container(cfg.trainer, resolve=True))
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(OmegaConf.merge(cfg, {"finetune": CHECKPOINT_POLICY}), datamodule)
-    device = L.Fabric(accelerator=trainer_kwargs(cfg).get("accelerator", "auto"), devices=1).device
+
+
+def fit_probe(cfg: DictConfig, datamodule: ImageClassificationDataModule, module: L.LightningModule,
+              device: torch.device, settings: ProbeSettings) -> dict[str, Any]:
+    """Extract features, walk the regularisation path, save the best classifier; `fit`'s metrics for `finetune=probe`.
+
+    `module` is the network to probe (built by `finetune.build` with CHECKPOINT_POLICY), its head replaced here.
+    """
     datamodule.prepare_data()
     datamodule.setup(None)
 

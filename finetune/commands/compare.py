@@ -39,13 +39,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import default_collate
 from torchmetrics.classification import MulticlassRecall
 
-from finetune.config_checks import validate_config
+from finetune import build
+from finetune.build import build_datamodule, fit
+from finetune.cli import run_command
+from finetune.configuration.checks import validate_config
 from finetune.console import next_commands, route_to_run_log, say
 from finetune.datamodules.augment import augmenting_keys
 from finetune.errors import user_errors
 from finetune.models.efficientnet import EfficientNetConfig
 from finetune.models.profile import params_and_macs
-from finetune.train import build_datamodule, fit, run_command
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -181,15 +183,8 @@ class ClassRecall(L.Callback):
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The `compare` config for these overrides, inside a running Hydra app or from Python."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose("compare", overrides=overrides)
-    with initialize_config_module(config_module="finetune.conf", version_base="1.3"):
-        return hydra_compose("compare", overrides=overrides)
+    """The `compare` config for these overrides (`finetune.build.compose` of conf/compare.yaml)."""
+    return build.compose("compare", overrides)
 
 
 def compare(overrides: list[str], output_dir: str | Path) -> list[RunResult]:
@@ -246,7 +241,7 @@ def switch_option(cfg: DictConfig, group: str, option: str) -> DictConfig:
 def option_node(group: str, option: str) -> DictConfig:
     """conf/<group>/<option>.yaml as Hydra composes it into `group`: the same-group options its defaults list, then itself."""
     source = importlib.resources.files("finetune.conf") / group / f"{option}.yaml"
-    if not source.is_file():  # a node registered from Python (finetune.config_store), e.g. optim/_defaults
+    if not source.is_file():  # a node registered from Python (finetune.configuration.store), e.g. optim/_defaults
         return OmegaConf.create(ConfigStore.instance().load(f"{group}/{option}.yaml").node)
     text = source.read_text()
     node = OmegaConf.create(text)
@@ -289,7 +284,7 @@ def probe_result(cfg: DictConfig, metrics: dict[str, Any], total: float) -> RunR
     Its best val acc is the best point of its regularisation path (what val/acc logged), its per-class
     accuracies that point's, and its peak memory is not sampled (no training loop to sample it in).
     """
-    from finetune.module import FineTuneModule
+    from finetune.training.module import FineTuneModule
 
     module = FineTuneModule.from_checkpoint(metrics["best_checkpoint"])
     network = module.model
@@ -349,7 +344,7 @@ def markdown_table(results: list[RunResult]) -> str:
 
 def write_reports(results: list[RunResult], out: Path, data: str) -> None:
     """comparison.json, comparison.md and comparison.png; `data` names the data in the figure's title."""
-    from finetune.cam import plt
+    from finetune.analysis.cam import plt
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
@@ -376,7 +371,7 @@ def comparison_figure(results: list[RunResult], data: str) -> Figure:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    from finetune.cam import plt
+    from finetune.analysis.cam import plt
 
     models = ", ".join(dict.fromkeys(r.model for r in results))
     resolutions = sorted({r.resolution for r in results})
@@ -423,7 +418,7 @@ def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[int]:
 
 def write_frontier(results: list[RunResult], out: Path) -> None:
     """comparison_frontier.png (see `frontier_figure`)."""
-    from finetune.cam import plt
+    from finetune.analysis.cam import plt
 
     fig = frontier_figure(results)
     fig.savefig(out / "comparison_frontier.png", dpi=110)
@@ -439,7 +434,7 @@ def frontier_figure(results: list[RunResult]) -> Figure:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import LogFormatter
 
-    from finetune.cam import plt
+    from finetune.analysis.cam import plt
 
     class Plain(LogFormatter):
         """Labels where matplotlib's log axis puts them, written 0.008 rather than 8x10^-3."""
@@ -489,8 +484,8 @@ def write_cam(cfg: DictConfig, checkpoints: dict[str, str | None], out: Path) ->
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from finetune.cam import cam_figure, grad_cam, plt
-    from finetune.module import FineTuneModule
+    from finetune.analysis.cam import cam_figure, grad_cam, plt
+    from finetune.training.module import FineTuneModule
 
     modules = {p: FineTuneModule.from_checkpoint(c) for p, c in checkpoints.items() if c}
     if not modules or cfg.compare.cam_images <= 0:

@@ -1,7 +1,7 @@
 """The vocabulary of config checks: a `Rule` says what one value must be, and words it for the error.
 
 Rules are built from small parts (`integer(1)`, `optional(one_of("min", "max"))`) so that
-each config table in `finetune.config_checks` reads as a spec, and every failure reads
+each config table in `finetune.configuration.checks` reads as a spec, and every failure reads
 the same: `<key> must be <what>, got <value>`.
 """
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from finetune.audit_search import content_hash
+from finetune.commands.audit.search import content_hash
 from finetune.datamodules.base import ImageClassificationDataModule, Split
 from finetune.datamodules.images import decode_rgb, open_image
 

@@ -19,7 +19,14 @@ from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
 from finetune.datamodules.base import Split
-from finetune.probe import FeatureRows, ProbeSettings, available_memory, fit_logistic, plan_fit, regularisation_path
+from finetune.training.probe import (
+    FeatureRows,
+    ProbeSettings,
+    available_memory,
+    fit_logistic,
+    plan_fit,
+    regularisation_path,
+)
 
 
 @dataclass(frozen=True)

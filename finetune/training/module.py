@@ -14,12 +14,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.utils import make_grid
 
-from finetune.config_rules import POSITIVE, Rule, number, numbers, optional
-from finetune.config_rules import name as name_rule
+from finetune.configuration.rules import POSITIVE, Rule, number, numbers, optional
+from finetune.configuration.rules import name as name_rule
 from finetune.models import create_model
 from finetune.models.preprocessing import Preprocessing
 from finetune.models.weights import WeightsError, load_safely, unwrap_state_dict
-from finetune.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
+from finetune.training.policies import FinetunePolicy, apply_policy, model_parts, set_frozen_eval
 
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 SCHEDULERS = ("cosine", "constant")

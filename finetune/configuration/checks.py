@@ -28,18 +28,30 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from finetune.config_rules import (
-    BOOL, FRACTION, PATH, SEED, STRING, WORD, Rule, either, integer, is_integer, name, number, one_of,
+from finetune.configuration.rules import (
+    BOOL,
+    FRACTION,
+    PATH,
+    SEED,
+    STRING,
+    WORD,
+    Rule,
+    either,
+    integer,
+    is_integer,
+    name,
+    number,
+    one_of,
     optional,
 )
 from finetune.datamodules.base import ImageClassificationDataModule
 from finetune.errors import ConfigError
-from finetune.features import check_cacheable
 from finetune.models import MODEL_NAMES
 from finetune.models.efficientnet import BASE_STAGES, PADDINGS
 from finetune.models.sources import check_pretrained
-from finetune.module import DEFAULT_OPTIM, OPTIM_RULES
-from finetune.policies import POLICIES, FinetunePolicy, finetune_rules
+from finetune.training.features import check_cacheable
+from finetune.training.module import DEFAULT_OPTIM, OPTIM_RULES
+from finetune.training.policies import POLICIES, FinetunePolicy, finetune_rules
 
 # --------------------------------------------------------------------------- tables
 
