@@ -80,8 +80,14 @@ class _MovedLoader(importlib.abc.Loader):
     def get_code(self, fullname: str) -> types.CodeType | None:
         """`python -m <old name>` runs the new module's code (runpy asks the loader for it)."""
         _warn(fullname)
-        home = importlib.util.find_spec(MOVED[fullname][0])
+        home = _runnable(MOVED[fullname][0])
         return home.loader.get_code(home.name)
+
+
+def _runnable(name: str) -> importlib.machinery.ModuleSpec:
+    """The spec `python -m name` runs: the module's, or a package's `__main__`."""
+    spec = importlib.util.find_spec(name)
+    return importlib.util.find_spec(f"{name}.__main__") if spec.submodule_search_locations is not None else spec
 
 
 def _warn(old: str) -> None:
@@ -93,8 +99,8 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MOVED:
             return None
-        home = importlib.util.find_spec(MOVED[fullname][0])  # its file: what `python -m` puts in sys.argv[0]
-        return importlib.util.spec_from_loader(fullname, _MovedLoader(), origin=home.origin if home else None)
+        home = _runnable(MOVED[fullname][0])  # its file: what `python -m` puts in sys.argv[0]
+        return importlib.util.spec_from_loader(fullname, _MovedLoader(), origin=home.origin)
 
 
 def install() -> None:

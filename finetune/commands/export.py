@@ -1,5 +1,11 @@
-"""`finetune-export`: a checkpoint as an ONNX, TorchScript or safetensors file with its model card, or as a
-timm / Hugging Face hub folder.
+"""`finetune-export`: a checkpoint as ONNX, TorchScript or safetensors, with what deployment needs beside it.
+
+    finetune-export outputs/train/<time>/checkpoints/last.ckpt --format onnx --output deploy/model.onnx
+
+The formats and their card are `finetune.exporting.formats`'; `--format hub` writes a timm model
+folder instead (`finetune.exporting.hub`). Both files are written under temporary names and
+renamed once the check against PyTorch has passed, so a failed export leaves the output folder
+as it was.
 """
 
 from __future__ import annotations

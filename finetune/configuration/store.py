@@ -1,6 +1,6 @@
 """Group defaults that live in Python, registered with Hydra so the YAML options set only what differs.
 
-`DEFAULT_OPTIM` (finetune/module.py) and `FinetunePolicy`'s fields (finetune/policies.py) are the
+`DEFAULT_OPTIM` (finetune/training/module.py) and `FinetunePolicy`'s fields (finetune/training/policies.py) are the
 one source of the optim and finetune defaults: the Python API uses them as they are, and each
 option file (`conf/optim/sgd.yaml`, `conf/finetune/partial.yaml`, ...) starts from them with
 `defaults: [_defaults]`, so every key exists in the composed config (`optim.lr=...` needs no `+`)

@@ -1,16 +1,11 @@
-"""`finetune-export`: a checkpoint as ONNX, TorchScript or safetensors, with what deployment needs beside it.
-
-    finetune-export outputs/train/<time>/checkpoints/last.ckpt --format onnx --output deploy/model.onnx
+"""The export formats of `finetune-export` (`finetune.commands.export`): ONNX, TorchScript, safetensors.
 
 The exported network takes the normalised float input (N×3×res×res, NCHW) and returns logits.
 The card beside the export, named after it (`model.onnx.json`, so exports of several formats share
 a folder), records the variant, classes and every preprocessing step (resize, interpolation, crop,
-mean/std), so an image can be prepared without this package. `--format hub` writes a timm model
-folder instead (`finetune.exporting.hub`).
-ONNX and TorchScript exports are run once more against PyTorch on the same input, at another
-batch size than the export's (the batch axis is dynamic), and the check's result is printed.
-Both files are written under temporary names and renamed once the check has passed, so a failed
-export leaves the output folder as it was.
+mean/std), so an image can be prepared without this package. ONNX and TorchScript exports are run
+once more against PyTorch on the same input, at another batch size than the export's (the batch
+axis is dynamic); `finetune.exporting.hub` checks its folder with the same helpers.
 """
 
 from __future__ import annotations

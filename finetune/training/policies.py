@@ -21,7 +21,7 @@ from finetune.configuration.rules import name as name_rule
 from finetune.errors import ConfigError
 from finetune.models import EfficientNet
 
-POLICIES = ("full", "frozen", "partial", "gradual", "probe", "lpft")  # probe, lpft's head: finetune/probe.py
+POLICIES = ("full", "frozen", "partial", "gradual", "probe", "lpft")  # probe, lpft's head: finetune/training/probe.py
 #: What `finetune=lpft` fine-tunes from the probe's head (`finetune.after_probe`).
 AFTER_PROBE = ("full", "partial", "gradual")
 BN_MODES = ("eval", "train")

@@ -215,6 +215,3 @@ def main(argv: list[str] | None = None) -> None:
         summary = audit(overrides, args.output)
         print("\n".join(summary_lines(summary, args.output, overrides)))
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Out-of-sample class probabilities for every audited image, from the linear probe (`finetune/probe.py`).
+"""Out-of-sample class probabilities for every audited image, from the linear probe (`finetune/training/probe.py`).
 
 Confident learning (cleanlab) needs, for each image, probabilities from a classifier that did
 not see that image's label: a classifier scoring its own training labels agrees with them,
