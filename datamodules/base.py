@@ -348,7 +348,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         self.examples_per_class = examples_per_class
         self._auto_augment = auto_augment_policy(auto_augment) if auto_augment else None
         self._mixer: Transform | None = None  # built on the first mixed batch: it needs num_classes
-        self._datasets: dict[Split, Dataset] = {}
+        self._datasets: dict[str, Dataset] = {}  # by split, and "unaugmented train"
         self._class_names: list[str] | None = None
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._train_epoch = 0  # the epoch a new train loader starts at; a checkpoint restores it
@@ -443,6 +443,22 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         if split not in self._datasets:
             self._datasets[split] = self._build_split(split)
         return self._datasets[split]
+
+    def unaugmented(self, split: Split) -> Dataset:
+        """The split as evaluation reads it, whatever `augment` says: no crop or flip drawn in the workers.
+
+        What a linear probe fits on (`finetune=probe`, lpft's head, the audit) and what cached
+        features hold. Only the training split of an augmenting datamodule differs from `dataset`.
+        """
+        if split != "train" or not self.augment:
+            return self.dataset(split)
+        if "unaugmented train" not in self._datasets:
+            augment, self.augment = self.augment, False
+            try:
+                self._datasets["unaugmented train"] = self._build_split("train")
+            finally:
+                self.augment = augment
+        return self._datasets["unaugmented train"]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

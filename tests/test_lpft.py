@@ -18,7 +18,7 @@ import finetune.training.probe
 from finetune.commands.compare import compare, read_scalars
 from finetune.errors import ConfigError
 from finetune.training.policies import FinetunePolicy
-from finetune.build import fit
+from finetune.build import build_datamodule, fit
 from helpers import compose_config, write_digits_folder
 
 #: A folder of digits PNGs at 32 px on real Lite0 weights; a three-strength probe grid solved tightly enough to
@@ -49,13 +49,24 @@ def features_and_labels(model: torch.nn.Module, datamodule, split: str) -> tuple
 
 
 class AtFirstStep(L.Callback):
-    """The network as the first step finds it (logits of val images, features, weights) and after that step."""
+    """The network as the first step finds it (logits of val images, features, weights) and after that step.
+
+    Training features come from `unaugmented`, a datamodule of the same folder with data.augment=false: the
+    run itself augments (the default), and the probe must still fit on the images, not on random crops of them.
+    """
+
+    def __init__(self, unaugmented) -> None:
+        self.unaugmented = unaugmented
 
     def on_train_start(self, trainer, pl_module) -> None:
         model, datamodule = pl_module.model, trainer.datamodule
+        assert datamodule.augment and not self.unaugmented.augment
         was_training = model.training
         model.eval()
-        self.train = features_and_labels(model, datamodule, "train")
+        self.unaugmented.set_preprocessing(datamodule.preprocessing)
+        self.unaugmented.prepare_data()
+        self.unaugmented.setup("fit")
+        self.train = features_and_labels(model, self.unaugmented, "train")
         self.val = features_and_labels(model, datamodule, "val")
         x, _ = datamodule.device_batch(next(iter(DataLoader(datamodule.dataset("val"), batch_size=64, generator=torch.Generator()))), train=False)
         with torch.no_grad():
@@ -80,7 +91,7 @@ def runs(tmp_path_factory, digits):
     """An uninterrupted two-epoch lpft run, and the same run stopped after its first epoch (recorded)."""
     root = tmp_path_factory.mktemp("lpft")
     whole = fit(compose_config(digits, root / "whole"))
-    first = AtFirstStep()
+    first = AtFirstStep(build_datamodule(compose_config([*digits, "data.augment=false"], root / "unaugmented")))
     fit(compose_config(digits, root / "stopped"), extra_callbacks=[first, StopAfterFirstEpoch()])
     return root, whole, first, digits
 

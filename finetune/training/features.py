@@ -134,7 +134,7 @@ def pooled_features(
     seed from the global RNG, which would shift every later dropout mask and break equality
     with uncached training.
     """
-    dataset = source.dataset(split)
+    dataset = source.unaugmented(split)
     loader = DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=max(source.batch_size, 64),
                         shuffle=False, num_workers=source.loader_workers, pin_memory=source.pin_memory,
                         generator=torch.Generator().manual_seed(0), collate_fn=getattr(dataset, "collate_fn", None))
