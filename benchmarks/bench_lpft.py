@@ -45,8 +45,8 @@ CASES: dict[str, list[str]] = {
     "frozen": ["finetune=frozen", "data.augment=false", "finetune.cache_features=true"],
     "probe": ["finetune=probe", "data.augment=false"],
     "lpft": ["finetune=lpft"],
-    "full, backbone_lr_scale=1": ["finetune=full", "optim.backbone_lr_scale=1.0"],
-    "lpft, backbone_lr_scale=1": ["finetune=lpft", "optim.backbone_lr_scale=1.0"],
+    "full, backbone_lr_scale=0.1": ["finetune=full", "optim.backbone_lr_scale=0.1"],  # the default before issue 24
+    "lpft, backbone_lr_scale=0.1": ["finetune=lpft", "optim.backbone_lr_scale=0.1"],
 }
 
 
