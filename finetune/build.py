@@ -44,7 +44,7 @@ from finetune.training.callbacks.test_report import TestReport
 from finetune.training.features import CachedFeatureDataModule
 from finetune.training.module import FineTuneModule
 from finetune.training.policies import DDPPolicySetup, FinetunePolicy
-from finetune.training.probe import CHECKPOINT_POLICY, ProbeHead, ProbeSettings, check_probe_config, fit_probe
+from finetune.training.probe import CHECKPOINT_POLICY, ProbeHead, ProbeSettings, check_probe_config, run_probe
 
 # Lightning warns that a mid-epoch checkpoint cannot resume exactly unless its loader is stateful; ours
 # resumes exactly through the datamodule's state (EpochSampler skips the samples already trained on).
@@ -200,7 +200,7 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     """Fit (or resume from `cfg.ckpt_path`), test the best checkpoint, write `metrics.json` into the run directory."""
     check_config(cfg)
     if cfg.finetune.name == "probe":  # a convex fit on features extracted once, no epochs: see training/probe.py
-        return _fit_probe(cfg)
+        return fit_probe(cfg)
     # lpft: the probe's head goes into the network before the first step (its settings checked here, before any data)
     ckpt_path = cfg.get("ckpt_path")
     probe_head = [ProbeHead(ProbeSettings.for_run(cfg), resuming=bool(ckpt_path))] if cfg.finetune.name == "lpft" else []
@@ -242,15 +242,16 @@ def fit(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     return metrics
 
 
-def _fit_probe(cfg: DictConfig) -> dict[str, Any]:
-    """finetune=probe: its checks, then the datamodule and the network it probes, then `fit_probe`."""
+def fit_probe(cfg: DictConfig) -> dict[str, Any]:
+    """`fit` for finetune=probe: its checks, the datamodule and the network it probes, then the probe's fit
+    (`training.probe.run_probe`): features, the regularisation path, probe.ckpt and metrics.json."""
     settings = ProbeSettings.for_run(cfg)
     check_probe_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(OmegaConf.merge(cfg, {"finetune": CHECKPOINT_POLICY}), datamodule)
     device = L.Fabric(accelerator=trainer_kwargs(cfg).get("accelerator", "auto"), devices=1).device
-    return fit_probe(cfg, datamodule, module, device, settings)
+    return run_probe(cfg, datamodule, module, device, settings)
 
 
 def _exit_stopped(trainer: L.Trainer, signum: int | None, checkpoint: Path | None, cfg: DictConfig) -> None:

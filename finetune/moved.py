@@ -35,7 +35,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "finetune.module": ("finetune.training.module",),
     "finetune.policies": ("finetune.training.policies",),
     "finetune.features": ("finetune.training.features",),
-    "finetune.probe": ("finetune.training.probe",),
+    "finetune.probe": ("finetune.training.probe", "finetune.build"),
     "finetune.checkpointing": ("finetune.training.callbacks.checkpointing", "finetune.fileio"),
     "finetune.interrupts": ("finetune.training.callbacks.interrupts",),
     "finetune.seeding": ("finetune.training.callbacks.seeding",),

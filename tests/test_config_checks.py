@@ -199,7 +199,7 @@ def test_bad_value_is_one_line_naming_its_key(overrides: list[str], message: str
     ("overrides", "message"),
     [
         (["compare.policies=[frozen,frozen]"], "compare.policies must be a list of distinct policies from full, frozen, "
-                                               "partial, gradual, lpft, got ['frozen', 'frozen']"),
+                                               "partial, gradual, probe, lpft, got ['frozen', 'frozen']"),
         (["compare.policies=[]"], "compare.policies must be a list of distinct policies"),
         (["compare.policies=[frozen,halfway]"], "compare.policies must be a list of distinct policies"),
         (["compare.cache_frozen_features=1"], "compare.cache_frozen_features must be true or false, got 1"),

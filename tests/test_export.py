@@ -226,7 +226,7 @@ def test_an_export_that_fails_its_check_leaves_the_folder_as_it_was(checkpoints:
     The file written is the checkpoint's network with every logit scaled by 1.001 (relative error 1e-3).
     Neither a fresh folder nor one holding a good export gains or loses anything.
     """
-    from finetune import export
+    from finetune.commands import export
 
     checkpoint, output = checkpoints["same"], tmp_path / "deploy" / "model.pt"
     write = export.export_torchscript

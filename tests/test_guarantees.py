@@ -312,7 +312,7 @@ def test_an_export_that_differs_from_pytorch_by_more_than_1e_4_fails(
     The file written is the checkpoint's network with every logit scaled by `scale`: a relative error of
     `scale - 1`, 3e-4 (refused) or 3e-5 (accepted), whatever the weights.
     """
-    from finetune import export
+    from finetune.commands import export
 
     write = export.export_torchscript
 

@@ -211,7 +211,7 @@ def test_a_phi_model_is_refused_in_one_line_and_nothing_is_written(runs, tmp_pat
 
 def test_a_hub_export_that_fails_its_check_leaves_the_folder_as_it_was(runs, tmp_path, monkeypatch):
     """timm's copy with every logit scaled by 1.001 (relative error 1e-3): no folder, then a good one untouched."""
-    from finetune import hub
+    from finetune.exporting import hub
 
     output = tmp_path / "deploy" / "hub"
     convert = hub.timm_model

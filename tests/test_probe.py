@@ -20,7 +20,8 @@ from finetune.errors import ConfigError
 from finetune.models import create_model
 from finetune.training.module import FineTuneModule
 import finetune.training.probe
-from finetune.training.probe import fit_probe, plan_fit
+from finetune.build import fit_probe
+from finetune.training.probe import plan_fit
 from finetune.build import build_datamodule, fit
 from helpers import compose_config
 

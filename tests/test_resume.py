@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import checkpointing
+from finetune import fileio
 from finetune.training.callbacks.checkpointing import AtomicCheckpointIO
 from finetune.fileio import atomic_save
 from helpers import write_digits_folder
@@ -29,7 +29,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
         f.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt  # what a Ctrl-C in the middle of torch.save looks like
 
-    monkeypatch.setattr(checkpointing.torch, "save", dies_halfway)
+    monkeypatch.setattr(fileio.torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint({"epoch": 1, "w": torch.zeros(3)}, path)
     assert path.read_bytes() == before
@@ -40,7 +40,7 @@ def test_sigkill_during_a_write_leaves_previous_checkpoint_intact(tmp_path: Path
     path = tmp_path / "last.ckpt"
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, torch\n"
-        "from finetune.training.callbacks.checkpointing import atomic_save\n"
+        "from finetune.fileio import atomic_save\n"
         "for version in range(10**6):\n"
         "    atomic_save({'version': version, 'w': torch.full((4_000_000,), float(version))}, sys.argv[1])\n"
     ), str(path)], env=ENV)
@@ -69,7 +69,7 @@ def test_a_save_leaves_a_live_writers_temporary_file_and_removes_a_dead_ones(tmp
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        host = checkpointing._HOST
+        host = fileio._HOST
         live_temp = tmp_path / f".last.ckpt.{host}.{live.pid}.0123abcd.tmp"
         dead_temp = tmp_path / f".last.ckpt.{host}.{dead.pid}.4567cdef.tmp"
         other_host_temp = tmp_path / f".last.ckpt.elsewhere.{dead.pid}.89abcdef.tmp"

@@ -364,11 +364,12 @@ def check_probe_config(cfg: DictConfig) -> None:
     check_one_process(OmegaConf.to_container(cfg.trainer, resolve=True))
 
 
-def fit_probe(cfg: DictConfig, datamodule: ImageClassificationDataModule, module: L.LightningModule,
+def run_probe(cfg: DictConfig, datamodule: ImageClassificationDataModule, module: L.LightningModule,
               device: torch.device, settings: ProbeSettings) -> dict[str, Any]:
     """Extract features, walk the regularisation path, save the best classifier; `fit`'s metrics for `finetune=probe`.
 
-    `module` is the network to probe (built by `finetune.build` with CHECKPOINT_POLICY), its head replaced here.
+    `module` is the network to probe (built by `finetune.build.fit_probe` with CHECKPOINT_POLICY), its head replaced
+    here.
     """
     datamodule.prepare_data()
     datamodule.setup(None)
