@@ -146,31 +146,37 @@ def assert_same(resumed: dict, uninterrupted: dict) -> None:
     assert [k for k in weights if not torch.equal(weights[k], reference[k])] == []
 
 
+#: Cases stopped and resumed at once: each is a `finetune` process with two data workers (~1 GB together), so the
+#: whole matrix at once (38 processes) runs a 24 GB machine out of memory.
+AT_ONCE = 8
+
+
 def run_cases(root: Path, cases: list[tuple[str, str, str]]) -> dict:
-    """The uninterrupted run of each setting the cases use, and each case stopped then resumed, all at once."""
+    """The uninterrupted run of each setting the cases use, and each case stopped then resumed, AT_ONCE at a time."""
     runs = Runs(root)
     settings = sorted({setting for setting, _, _ in cases})
     started = {setting: runs.start(root / setting, *SETTINGS[setting]) for setting in settings}
-    stopped = {}
-    for setting, point, sent in cases:
-        name = f"{setting}-{point}-{sent}"
-        stopped[name] = runs.start(root / name, *SETTINGS[setting], signal_at=",".join(map(str, POINTS[point])), sent=sent)
     results: dict = {}
-    resumed = {}
-    for (setting, point, sent), (name, run) in zip(cases, stopped.items()):
-        status, err = wait(run)
-        results[name] = {"status": status, "stderr": err, "out": root / name}
-        if status != 0:
-            resumed[name] = runs.start(root / name, command=resume_command(err))
-    for name, run in resumed.items():
-        status, err = wait(run)
-        assert status == 0, err[-3000:]
+    for first in range(0, len(cases), AT_ONCE):
+        stopped, resumed = {}, {}
+        for setting, point, sent in cases[first:first + AT_ONCE]:
+            name = f"{setting}-{point}-{sent}"
+            stopped[name] = runs.start(root / name, *SETTINGS[setting], signal_at=",".join(map(str, POINTS[point])),
+                                       sent=sent)
+        for name, run in stopped.items():
+            status, err = wait(run)
+            results[name] = {"status": status, "stderr": err, "out": root / name}
+            if status != 0:
+                resumed[name] = runs.start(root / name, command=resume_command(err))
+        for name, run in resumed.items():
+            status, err = wait(run)
+            assert status == 0, err[-3000:]
+        for name in stopped:
+            results[name]["outcome"] = outcome(root / name) if (root / name / "metrics.json").exists() else None
     for setting, run in started.items():
         status, err = wait(run)
         assert status == 0, err[-3000:]
         results[setting] = outcome(root / setting)
-    for name in stopped:
-        results[name]["outcome"] = outcome(root / name) if (root / name / "metrics.json").exists() else None
     return results
 
 
