@@ -159,6 +159,7 @@ def test_an_image_drawn_twice_in_an_epoch_gets_two_crops(imbalanced: Path) -> No
     assert torch.equal(crops[0], dataset[next(key for key in keys if key[0] == index)][0])  # yet each is seeded
 
 
+@pytest.mark.slow  # make test's time; mid-epoch resume is test_chaos.py's, the sampler's shards and draws stay
 def test_a_run_stopped_mid_epoch_with_the_balanced_sampler_resumes_exactly(tmp_path: Path) -> None:
     runs = Runs(tmp_path)
     cut_minority(runs.data / "train", 3)  # 35 + 15 images: 4 batches of 16 an epoch

@@ -123,6 +123,7 @@ def _macs_at(model: torch.nn.Module, resolution: int) -> int:
     return counter.get_total_flops() // 2
 
 
+@pytest.mark.slow  # make test's time; one-model compare tests stay
 def test_compare_runs_the_grid_of_models_and_policies(tmp_path):
     results = compare(GRID, tmp_path)
     rows = json.loads((tmp_path / "comparison.json").read_text())

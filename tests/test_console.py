@@ -72,6 +72,7 @@ def test_no_feature_progress_bars_when_progress_bars_are_off(split_run):
         assert f"{split} features" not in run.stderr + run.stdout, run.stderr[-2000:]
 
 
+@pytest.mark.slow  # make test's time; the summary test stays
 def test_a_single_folder_says_why_there_is_no_test_and_how_to_get_one(tmp_path):
     data = write_digits_folder(tmp_path / "digits", per_class=12, size=32, splits=(("flat", 1.0),)) / "flat"
     run = finetune([f"data.root={data}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)

@@ -330,6 +330,7 @@ def test_default_device_is_the_gpu_when_there_is_one():
     assert chosen.precision in (("bf16-mixed", "16-mixed") if torch.cuda.is_available() else ("32-true",))
 
 
+@pytest.mark.slow  # make test's time
 def test_the_training_folder_is_warned_of_by_path_and_by_its_recorded_split(digits_run, tmp_path, capsys):
     root, _, metrics = digits_run
     checkpoint = metrics["best_checkpoint"]

@@ -75,7 +75,7 @@ def _prepared_by_card(photo: Image.Image, card: dict) -> np.ndarray:
     return ((pixels - np.array(card["mean"], np.float32)) / np.array(card["std"], np.float32)).transpose(2, 0, 1)[None]
 
 
-@pytest.mark.parametrize("padding", ["same", "symmetric"])
+@pytest.mark.parametrize("padding", ["same", pytest.param("symmetric", marks=pytest.mark.slow)])  # slow: make test's time
 def test_onnx_export_matches_pytorch_at_any_batch_size(checkpoints, padding, tmp_path, capsys):
     module = FineTuneModule.from_checkpoint(checkpoints[padding])
     output = tmp_path / "deploy" / "model.onnx"

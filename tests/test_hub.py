@@ -73,7 +73,7 @@ def _timm_preprocessing(model: torch.nn.Module) -> Preprocessing:
                          data["crop_pct"])
 
 
-@pytest.mark.parametrize("padding", ["same", "symmetric"])
+@pytest.mark.parametrize("padding", ["same", pytest.param("symmetric", marks=pytest.mark.slow)])  # slow: make test's time
 def test_hub_folder_is_what_timm_loads_with_our_logits_classes_preprocessing_and_card(runs, digits, padding, tmp_path,
                                                                                         capsys):
     checkpoint = runs[padding]
@@ -174,6 +174,7 @@ def test_any_timm_efficientnet_folder_loads_as_pretrained_weights(arch, variant,
     assert relative_error(_pre_logits(fewer, x), _pre_logits(theirs, x)) <= 1e-6
 
 
+@pytest.mark.slow  # make test's time; local-dir loading stays
 def test_hf_hub_folder_is_fetched_by_the_hub_client_then_read_from_its_cache_offline(tmp_path):
     """`hf-hub:` goes through huggingface_hub: from a stand-in of the hub's file server, then HF_HUB_OFFLINE=1."""
     folder = tmp_path / "theirs"

@@ -111,6 +111,7 @@ def _torchvision_file() -> tuple[torch.nn.Module, bytes, str]:
     return ref, buf.getvalue(), f"efficientnet_b0_test-{hashlib.sha256(buf.getvalue()).hexdigest()[:8]}.pth"
 
 
+@pytest.mark.slow  # make test's time; hub weights' offline and proxy tests stay
 def test_torchvision_weights_without_network_then_through_the_proxy_then_from_the_cache(tmp_path: Path) -> None:
     """torch.hub, whose cache is $TORCH_HOME/hub/checkpoints: uncached and no network, one line; HTTP_PROXY
     reaches what a direct connection cannot; with the proxy closed again, the file it cached loads."""
