@@ -21,8 +21,11 @@ AUTO_AUGMENT = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugme
 #: Random erasing's box draws (area 2-33 %, aspect ratio 0.3-3.3, torchvision's defaults); the filling is ours.
 _ERASING_BOXES = v2.RandomErasing()
 
+#: Each augmenting data setting and the value that turns it off (the training-only ones' defaults, conf/data/_base.yaml).
+AUGMENTATION_OFF: dict[str, Any] = {"augment": False, "auto_augment": None, "random_erasing": 0.0, "mixup_alpha": 0.0,
+                                    "cutmix_alpha": 0.0}
 #: The data keys that change training images only (each off by default); cached features need them off.
-TRAINING_ONLY_KEYS = ("auto_augment", "random_erasing", "mixup_alpha", "cutmix_alpha")
+TRAINING_ONLY_KEYS = tuple(key for key in AUGMENTATION_OFF if key != "augment")
 
 
 def augmenting_keys(data: Mapping[str, Any]) -> list[str]:
@@ -31,6 +34,11 @@ def augmenting_keys(data: Mapping[str, Any]) -> list[str]:
     Empty is what cached features need: only then is an image's pooled feature the same every epoch.
     """
     return [key for key in ("augment", *TRAINING_ONLY_KEYS) if data.get(key, key == "augment")]  # augment: on by default
+
+
+def without_augmentation(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides that turn off each of `data`'s augmenting settings (what a probe's run in a comparison takes)."""
+    return {key: AUGMENTATION_OFF[key] for key in augmenting_keys(data)}
 
 
 def auto_augment_policy(name: str) -> v2.Transform:

@@ -44,7 +44,7 @@ from finetune.build import build_datamodule, fit
 from finetune.cli import run_command
 from finetune.configuration.checks import validate_config
 from finetune.console import next_commands, route_to_run_log, say
-from finetune.datamodules.augment import augmenting_keys
+from finetune.datamodules.augment import augmenting_keys, without_augmentation
 from finetune.errors import user_errors
 from finetune.models.efficientnet import EfficientNetConfig
 from finetune.models.profile import params_and_macs
@@ -52,8 +52,6 @@ from finetune.models.profile import params_and_macs
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: The value of each augmenting data setting that turns it off: the probe's run in a comparison takes these.
-UNAUGMENTED = {"augment": False, "auto_augment": None, "random_erasing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
 #: Marker shapes of the frontier plot, one per model.
 MARKERS = "osD^vP*Xhp<>"
 
@@ -217,7 +215,7 @@ def run_config(base: DictConfig, model: str, policy: str, several_models: bool) 
         run.model = switch_option(base, "model", model)
     run.finetune = switch_option(base, "finetune", policy)
     if policy == "probe":  # a probe fits on the features of unaugmented images: its run reads them so
-        run.data.merge_with({key: UNAUGMENTED[key] for key in augmenting_keys(base.data)})
+        run.data.merge_with(without_augmentation(base.data))
     unaugmented = not augmenting_keys(base.data)
     run.finetune.cache_features = policy == "frozen" and bool(base.compare.cache_frozen_features) and unaugmented
     run.run_name = f"{model}/{policy}" if several_models else policy
